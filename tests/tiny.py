@@ -30,6 +30,25 @@ FAMILIES = {
 }
 
 
+def tiny_tokenizer():
+    """A 96-token word-level tokenizer with a chat template, matching the tiny teachers' vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
+    words = [f"w{i}" for i in range(COMMON["vocab_size"] - len(specials) - 1)] + ["<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' </s> ' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
+    )
+    return tokenizer
+
+
 @torch.no_grad()
 def tiny_teacher(family="llama", seed=0):
     """A teacher whose every parameter (biases and norms too) is random, so no copy error hides."""

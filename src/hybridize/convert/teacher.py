@@ -126,10 +126,12 @@ def load_teacher(spec: str, dtype=torch.float32, device="cpu"):
 
         model, tokenizer = load_hybrid(path, dtype=dtype)
     else:
+        if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise UserError(f"teacher directory {path} has no tokenizer files")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        except OSError as error:
+        except (OSError, ValueError) as error:
             raise UserError(f"could not load the teacher from {path}: {str(error).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

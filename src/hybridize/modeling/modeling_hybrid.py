@@ -25,9 +25,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_hybrid import HybridConfig
 
 try:  # fast kernels when hybridize is installed; the torch reference otherwise
-    from hybridize.kernels import ops as mamba_ops
+    from hybridize.kernels.ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 except ImportError:
-    from . import mamba_ops
+    from .mamba_ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 
 try:
     from transformers import initialization as init
@@ -196,19 +196,19 @@ class HybridMambaMixer(nn.Module):
         conv_state, ssm_state = cache.mamba_state(self.layer_idx) if cache is not None else (None, None)
 
         if l == 1 and ssm_state is not None:  # decoding: one step from the cached state, in place
-            xc = F.silu(mamba_ops.causal_conv1d_update(conv_state, x[:, 0], conv_weight, self.conv1d.bias))
-            y = mamba_ops.selective_state_update(
+            xc = F.silu(causal_conv1d_update(conv_state, x[:, 0], conv_weight, self.conv1d.bias))
+            y = selective_state_update(
                 ssm_state, xc, dt[:, 0], A, B[:, 0], C[:, 0], self.D, z[:, 0], self.dt_proj.bias
             )
             return self.out_proj(y[:, None])
 
         if token_mask is not None:  # padding must not reach the conv window or the state
             x = x.masked_fill(~token_mask[..., None], 0.0)
-        xc, new_conv_state = mamba_ops.causal_conv1d(x, conv_weight, self.conv1d.bias, conv_state, reset)
+        xc, new_conv_state = causal_conv1d(x, conv_weight, self.conv1d.bias, conv_state, reset)
         xc = F.silu(xc)
         if token_mask is not None:
             xc = xc.masked_fill(~token_mask[..., None], 0.0)
-        y, new_ssm_state = mamba_ops.selective_scan(
+        y, new_ssm_state = selective_scan(
             xc, dt, A, B, C, self.D, z, self.dt_proj.bias, initial_state=ssm_state, reset=reset
         )
         if cache is not None:
@@ -332,6 +332,8 @@ class HybridPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, HybridRMSNorm):
             init.ones_(module.weight)
+        elif isinstance(module, HybridRotaryEmbedding):  # a computed buffer: models load on the meta device
+            init.copy_(module.inv_freq, rope_inverse_frequencies(self.config))
         if isinstance(module, HybridMambaMixer):
             module.reset_mamba_parameters()
 
