@@ -1,0 +1,44 @@
+"""Layer importance: leave-one-out on a model, MMR probes on a hybrid; JSON scores and a bar chart."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def save_importance(result: dict, out: Path) -> tuple[Path, Path]:
+    """Write the result JSON (atomically) and a bar chart PNG beside it; returns both paths."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(result, handle, indent=2)
+    os.replace(staging, out)
+    png = out.with_suffix(".png")
+    plot_scores(result, png)
+    return out, png
+
+
+def plot_scores(result: dict, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = sorted(int(i) for i in result["scores"])
+    scores = [result["scores"][str(i)] for i in layers]
+    chosen = set(result["ranking"][: len(layers) // 2])
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(layers) + 2), 3.6), dpi=120)
+    ax.bar(layers, scores, color=["#d62728" if i in chosen else "#1f77b4" for i in layers])
+    unit = {"kl": "KL(reference || ablated), nats/token", "ce": "cross-entropy, nats/token",
+            "distill_loss": "probe distillation loss"}.get(result.get("metric"), result.get("metric", "score"))
+    ax.set_xlabel("layer")
+    ax.set_ylabel(unit)
+    ax.set_title(f"{result['method'].upper()} importance (red: least important half)")
+    ax.set_xticks(layers)
+    ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
