@@ -31,18 +31,19 @@ def test_each_input_form_is_normalised_to_messages_or_text(tmp_path):
     assert (report.total, report.kept, report.malformed) == (4, 4, {})
 
 
-def test_extra_fields_are_dropped_and_messages_take_precedence(tmp_path):
-    row = {**CHAT, "text": "ignored", "id": 7,
+def test_unknown_fields_are_dropped_metadata_kept_and_messages_take_precedence(tmp_path):
+    row = {**CHAT, "text": "ignored", "id": 7, "source": "web",
            "messages": [{**m, "name": "x"} for m in CHAT["messages"]]}
     rows, _ = read_rows(_jsonl(tmp_path / "d.jsonl", [row]))
-    assert rows == [CHAT]
+    assert rows == [{**CHAT, "id": "7"}]
 
 
 def test_synthetic_task_file_reads_back_as_chat_rows(tmp_path):
     generated = synthesize("arithmetic", 10, seed=0)
     write_jsonl(generated, tmp_path / "train.jsonl")
     rows, report = read_rows(tmp_path / "train.jsonl")
-    assert rows == [{"messages": r["messages"]} for r in generated] and report.kept == 10
+    assert rows == [{k: r[k] for k in ("messages", "answer", "task", "id")} for r in generated]
+    assert report.kept == 10
 
 
 def test_malformed_rows_are_skipped_and_counted_by_reason(tmp_path):

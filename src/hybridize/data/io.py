@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from hybridize.errors import UserError
+
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file that cannot be used; the message names the file and what is wrong."""
 
 
@@ -59,8 +61,14 @@ def _text(value) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
+METADATA_FIELDS = ("answer", "task", "id")
+
+
 def normalize_row(row) -> tuple[dict | None, str | None]:
     """``({"messages": [...]} or {"text": ...}, None)`` for a usable row, else ``(None, reason)``.
+
+    The fields `answer`, `task` and `id`, when present, are carried along: evaluation and
+    trace generation verify against `answer`.
 
     Forms are tried in order: ``messages``; ``prompt``+``completion`` (strings become one
     user and one assistant turn, message lists are joined); ``text``. A missing field and a
@@ -68,6 +76,13 @@ def normalize_row(row) -> tuple[dict | None, str | None]:
     """
     if not isinstance(row, dict):
         return None, "not_an_object"
+    normalized, reason = _normalize_content(row)
+    if normalized is not None:
+        normalized.update({k: str(row[k]) for k in METADATA_FIELDS if row.get(k) is not None})
+    return normalized, reason
+
+
+def _normalize_content(row: dict) -> tuple[dict | None, str | None]:
     if row.get("messages") is not None:
         messages, reason = _messages(row["messages"])
         return ({"messages": messages}, None) if messages else (None, reason)
