@@ -113,5 +113,95 @@ def generate(
         console.print(f"[bold]> {text}[/bold]\n{completion}\n")
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Built-in reasoning tasks and teacher traces.")
+importance_app = typer.Typer(no_args_is_help=True, help="Rank layers by importance (LOO, MMR).")
+app.add_typer(data_app, name="data")
+app.add_typer(importance_app, name="importance")
+
+
+def _device():
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@data_app.command("synth")
+@user_errors
+def data_synth(
+    task: str = typer.Option(..., help="arithmetic, variable_tracking or multi_digit."),
+    n: int = typer.Option(..., help="Number of problems."),
+    out: Path = typer.Option(..., help="Output JSONL."),
+    seed: int = typer.Option(0),
+    split: str = typer.Option("train", help="train or test (never share a problem)."),
+    knob: list[str] = typer.Option([], help="Difficulty knob NAME=INT, e.g. steps=5, chain=6, digits=4."),
+):
+    """Write verifiable reasoning problems with step-by-step solutions, as chat rows."""
+    from hybridize.data.synthetic import synthesize, write_jsonl
+
+    knobs = {}
+    for item in knob:
+        name, _, value = item.partition("=")
+        try:
+            knobs[name] = int(value)
+        except ValueError:
+            raise UserError(f"--knob must be NAME=INTEGER, got {item!r}") from None
+    try:
+        rows = synthesize(task, n, seed=seed, split=split, **knobs)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    write_jsonl(rows, out)
+    console.print(f"wrote {len(rows)} {task} problems ({split}) to {out}")
+
+
+@data_app.command("generate")
+@user_errors
+def data_generate(
+    teacher: str = typer.Option(..., help="Teacher that writes the traces."),
+    prompts: Path = typer.Option(..., help="JSONL of chat rows with an `answer` (e.g. from `data synth`)."),
+    out: Path = typer.Option(..., help="Output JSONL of verified traces."),
+    n_per_prompt: int = typer.Option(1),
+    temperature: float = typer.Option(0.7),
+    top_p: float = typer.Option(0.95),
+    max_new_tokens: int = typer.Option(512),
+    batch_size: int = typer.Option(16),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False),
+):
+    """Sample the teacher's own solutions and keep only those whose answer verifies."""
+    from hybridize.convert.teacher import load_teacher
+    from hybridize.data.traces import write_traces
+
+    model, tokenizer = load_teacher(teacher, device=_device())
+    try:
+        stats = write_traces(model, tokenizer, prompts, out, overwrite=overwrite, n_per_prompt=n_per_prompt,
+                             temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, seed=seed)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    console.print_json(data=stats)
+
+
+@importance_app.command("loo")
+@user_errors
+def importance_loo(
+    teacher: str = typer.Option(..., help="Model to rank: teacher or hybrid."),
+    data: str = typer.Option("synthetic", help="Held-out data: a file, or synthetic[:task,...]."),
+    out: Path = typer.Option(Path("ranking.json"), help="Output JSON (a PNG chart is written beside it)."),
+    scope: str = typer.Option("block", help="block (whole layer, as in Apriel-H1) or mixer (MLP kept)."),
+    metric: str = typer.Option("kl", help="kl (vs the unablated model) or ce (on the data's labels)."),
+    rows: int = typer.Option(16, help="Held-out rows."),
+    window: int = typer.Option(512, help="Packed window length in tokens."),
+):
+    """Leave-one-out importance: score each layer by the damage its removal does; least important first."""
+    from hybridize.importance import run_loo
+
+    try:
+        result, (json_path, png) = run_loo(teacher, data, out, scope=scope, metric=metric, rows=rows, window=window)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    console.print(f"ranking (least important first): {result['ranking']}")
+    console.print(f"{result['tokens']} tokens in {result['seconds']} s; wrote {json_path} and {png}")
+
+
 if __name__ == "__main__":
     app()

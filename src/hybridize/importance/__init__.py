@@ -42,3 +42,24 @@ def plot_scores(result: dict, path: Path):
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def run_loo(teacher, data="synthetic", out="ranking.json", scope="block", metric="kl", rows=16, window=512,
+            batch_size=4, seed=0):
+    """`hybridize importance loo`: rank a teacher's (or hybrid's) layers on held-out rows; saves JSON + PNG."""
+    from hybridize.convert.surgery import build_hybrid
+    from hybridize.convert.teacher import load_teacher
+    from hybridize.data.chat import tokenize_rows
+    from hybridize.data.packing import batches, pack
+    from hybridize.data.sources import load_rows
+    from hybridize.importance.loo import leave_one_out
+    from hybridize.modeling.modeling_hybrid import HybridForCausalLM
+
+    model, tokenizer = load_teacher(str(teacher))
+    if not isinstance(model, HybridForCausalLM):  # the exact all-attention twin runs the ablations
+        model = build_hybrid(model, ["attention"] * model.config.num_hidden_layers)
+    examples, _ = tokenize_rows(load_rows(data, rows, seed=seed, split="test"), tokenizer, max_length=window)
+    packed = pack(examples, window, pad_id=tokenizer.pad_token_id)
+    result = leave_one_out(model, batches(packed, batch_size, shuffle=False), scope=scope, metric=metric)
+    result.update({"model": str(teacher), "data": str(data), "rows": rows})
+    return result, save_importance(result, Path(out))

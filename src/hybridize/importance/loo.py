@@ -20,8 +20,9 @@ SCOPES = ("block", "mixer")
 METRICS = ("kl", "ce")
 
 
-def _run_layers(model, hidden, start, context, skip=None, scope="block"):
-    """Layers start.. of a HybridForCausalLM; layer `skip` ablated. Returns fp32 logits."""
+def _run_layers(model, hidden, start, context, mask, skip=None, scope="block"):
+    """Layers start.. of a HybridForCausalLM, layer `skip` ablated; fp32 logits of the masked tokens only
+    (the vocabulary projection is a large share of the cost and only scored tokens need it)."""
     layers = model.model.layers
     for index in range(start, len(layers)):
         layer = layers[index]
@@ -30,16 +31,17 @@ def _run_layers(model, hidden, start, context, skip=None, scope="block"):
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
             continue
         hidden = layer(hidden, *context)
-    return model.lm_head(model.model.norm(hidden)).float()
+    return model.lm_head(model.model.norm(hidden[mask])).float()
 
 
-def _score(reference_logprobs, logits, labels, mask, metric):
+def _score(reference_logprobs, logits, labels, metric):
+    """Summed score over the masked tokens (logits and labels already restricted to them)."""
     logprobs = torch.log_softmax(logits, dim=-1)
     if metric == "kl":
         per_token = (reference_logprobs.exp() * (reference_logprobs - logprobs)).sum(-1)
     else:
-        per_token = -logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return per_token[mask].sum().item()
+        per_token = -logprobs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return per_token.sum().item()
 
 
 @torch.no_grad()
@@ -72,12 +74,13 @@ def leave_one_out(model: HybridForCausalLM, batches, scope="block", metric="kl",
         for layer in model.model.layers:
             entering.append(hidden)
             hidden = layer(hidden, *context)
-        reference = model.lm_head(model.model.norm(hidden)).float()
+        labels = batch["labels"][mask]
+        reference = model.lm_head(model.model.norm(hidden[mask])).float()
         reference_logprobs = torch.log_softmax(reference, dim=-1)
-        reference_total += _score(reference_logprobs, reference, batch["labels"], mask, "ce")
+        reference_total += _score(reference_logprobs, reference, labels, "ce")
         for index in candidates:
-            logits = _run_layers(model, entering[index], index, context, skip=index, scope=scope)
-            totals[index] += _score(reference_logprobs, logits, batch["labels"], mask, metric)
+            logits = _run_layers(model, entering[index], index, context, mask, skip=index, scope=scope)
+            totals[index] += _score(reference_logprobs, logits, labels, metric)
         tokens += int(mask.sum())
         if progress is not None:
             progress(tokens)
