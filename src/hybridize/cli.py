@@ -203,5 +203,108 @@ def importance_loo(
     console.print(f"{result['tokens']} tokens in {result['seconds']} s; wrote {json_path} and {png}")
 
 
+@importance_app.command("mmr")
+@user_errors
+def importance_mmr(
+    teacher: str = typer.Option(..., help="The teacher distilled from."),
+    student: str = typer.Option(..., help="The current hybrid checkpoint."),
+    data: str = typer.Option("synthetic", help="Probe training data: a file, or synthetic[:task,...]."),
+    out: Path = typer.Option(Path("mmr.json"), help="Output JSON (a PNG chart is written beside it)."),
+    probe_steps: int = typer.Option(100, help="Distillation steps per probe."),
+    seq_len: int = typer.Option(512),
+    micro_batch_size: int = typer.Option(4),
+    lr: float = typer.Option(1e-4),
+    mil_layout: str = typer.Option("apriel"),
+):
+    """MMR: probe a mixer at each remaining attention layer; lowest final loss converts first."""
+    from hybridize.importance import run_mmr
+
+    result, (json_path, png) = run_mmr(teacher, student, data, out, probe_steps=probe_steps, seq_len=seq_len,
+                                       micro_batch_size=micro_batch_size, lr=lr, mil_layout=mil_layout)
+    console.print(f"ranking (cheapest to convert first): {result['ranking']}; wrote {json_path} and {png}")
+
+
+@app.command()
+@user_errors
+def distill(
+    teacher: str = typer.Option(..., help="Teacher model."),
+    student: str = typer.Option(..., help="Hybrid checkpoint to train (from `convert`)."),
+    data: str = typer.Option("synthetic", help="Training rows: a file, or synthetic[:task,...]."),
+    out: Path = typer.Option(..., help="Output checkpoint directory."),
+    loss: str = typer.Option("reverse_kl", help="reverse_kl, forward_kl, jsd, ce, or a sum such as reverse_kl+ce."),
+    steps: Optional[int] = typer.Option(None),
+    tokens: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    seq_len: Optional[int] = typer.Option(None),
+    micro_batch_size: Optional[int] = typer.Option(None),
+    grad_accum: Optional[int] = typer.Option(None),
+    warmup_steps: Optional[int] = typer.Option(None),
+    freeze: Optional[str] = typer.Option(None, help="none, or non_mixers (train only the Mamba mixers)."),
+    save_every: Optional[int] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    overwrite: bool = typer.Option(False),
+):
+    """One distillation stage: train a hybrid on the teacher's distribution; resumable, torchrun-ready."""
+    from hybridize.distill.runner import distill_stage
+
+    options = dict(steps=steps, tokens=tokens, lr=lr, seq_len=seq_len, micro_batch_size=micro_batch_size,
+                   grad_accum=grad_accum, warmup_steps=warmup_steps, freeze=freeze, save_every=save_every, seed=seed)
+    result = distill_stage(teacher, student, data, out, loss=loss, overwrite=overwrite, **options)
+    console.print(f"{result.steps} steps, {result.tokens:,} tokens, final loss {result.final_loss:.4f}; saved {out}")
+
+
+@app.command()
+@user_errors
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    out: Path = typer.Option(..., help="Run directory; the same command on it resumes."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe field: stages.1.train.lr=1e-4."),
+):
+    """Every stage of a recipe: select layers, convert, distil, evaluate; then the report."""
+    from hybridize.distill.runner import run as run_recipe
+
+    paths = run_recipe(recipe, out, set_)
+    if paths:
+        console.print(f"done: {paths[0]} and {paths[1]}")
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    model: str = typer.Argument(..., help="Model directory, .gguf, hybrid checkpoint or built-in name."),
+    data: str = typer.Option("synthetic", help="Rows with answers: a file, or synthetic[:task,...]."),
+    teacher: Optional[str] = typer.Option(None, help="Also teacher-forced KL, perplexity and agreement."),
+    out: Optional[Path] = typer.Option(None, help="JSON output."),
+    rows: Optional[int] = typer.Option(None, help="Evaluate at most this many rows."),
+    max_new_tokens: int = typer.Option(256),
+    batch_size: int = typer.Option(16),
+):
+    """Accuracy on verifiable problems, and how far the model is from its teacher."""
+    from hybridize.convert.teacher import load_teacher
+    from hybridize.data.sources import load_rows
+    from hybridize.evaluate.evaluator import evaluate, format_table, save_result
+
+    loaded, tokenizer = load_teacher(model, device=_device())
+    teacher_model = teacher_tokenizer = None
+    if teacher is not None:
+        teacher_model, teacher_tokenizer = load_teacher(teacher, device=_device())
+    result = evaluate(loaded, tokenizer, load_rows(data, rows, split="test"), teacher=teacher_model,
+                      teacher_tokenizer=teacher_tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    console.print(format_table(result))
+    if out is not None:
+        save_result(result, out)
+
+
+@app.command()
+@user_errors
+def report(run_dir: Path = typer.Argument(..., help="A run directory of `hybridize run`.")):
+    """report.md (one row per checkpoint) and pareto.png (accuracy vs throughput) for a run."""
+    from hybridize.report import build_report
+
+    markdown, png = build_report(run_dir)
+    console.print(markdown.read_text())
+    console.print(f"wrote {markdown} and {png}")
+
+
 if __name__ == "__main__":
     app()

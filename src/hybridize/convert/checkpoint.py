@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from hybridize.errors import UserError
+from hybridize.faults import kill_point
 from hybridize.modeling import configuration_hybrid, mamba_ops, modeling_hybrid
 
 MODEL_FILES = [Path(m.__file__) for m in (configuration_hybrid, modeling_hybrid, mamba_ops)]
@@ -39,8 +40,11 @@ def write_json_atomic(path, data):
     os.replace(staging, path)
 
 
-def save_hybrid(model, tokenizer, out_dir, layers_info=None, overwrite=False, dtype=None):
-    """Write a loadable checkpoint to `out_dir` atomically; returns the path."""
+def save_hybrid(model, tokenizer, out_dir, layers_info=None, overwrite=False, dtype=None, extra=None):
+    """Write a loadable checkpoint to `out_dir` atomically; returns the path.
+
+    `extra` maps names to files or folders copied in beside the weights (training metrics, events).
+    """
     out_dir = Path(out_dir)
     check_output_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +59,13 @@ def save_hybrid(model, tokenizer, out_dir, layers_info=None, overwrite=False, dt
             tokenizer.save_pretrained(staging)
         info = {"mixer_types": list(model.config.mixer_types), **(layers_info or {})}
         write_json_atomic(staging / "layers.json", info)
+        for name, source in (extra or {}).items():
+            source = Path(source)
+            if source.is_dir():
+                shutil.copytree(source, staging / name)
+            elif source.is_file():
+                shutil.copyfile(source, staging / name)
+        kill_point("checkpoint-staged")
         if out_dir.exists():
             retired = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
             os.replace(out_dir, retired / "checkpoint")

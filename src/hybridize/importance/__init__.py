@@ -63,3 +63,26 @@ def run_loo(teacher, data="synthetic", out="ranking.json", scope="block", metric
     result = leave_one_out(model, batches(packed, batch_size, shuffle=False), scope=scope, metric=metric)
     result.update({"model": str(teacher), "data": str(data), "rows": rows})
     return result, save_importance(result, Path(out))
+
+
+def run_mmr(teacher, student, data="synthetic", out="mmr.json", probe_steps=100, seq_len=512, micro_batch_size=4,
+            lr=1e-4, mil_layout="apriel", rows=None, seed=0):
+    """`hybridize importance mmr`: probe each remaining attention layer of `student`; saves JSON + PNG."""
+    from hybridize.config import LossConfig, TrainConfig
+    from hybridize.convert.checkpoint import load_hybrid
+    from hybridize.convert.teacher import load_teacher
+    from hybridize.data.chat import tokenize_rows
+    from hybridize.data.packing import batches, pack
+    from hybridize.data.sources import load_rows
+    from hybridize.importance.mmr import mmr_scores
+
+    teacher_model, tokenizer = load_teacher(str(teacher))
+    current, _ = load_hybrid(student)
+    config = TrainConfig(steps=probe_steps, seq_len=seq_len, micro_batch_size=micro_batch_size, lr=lr,
+                         seed=seed, log_every=max(1, probe_steps))
+    examples, _ = tokenize_rows(load_rows(data, rows, seed=seed, split="train"), tokenizer, max_length=seq_len)
+    packed = pack(examples, seq_len, pad_id=tokenizer.pad_token_id)
+    result = mmr_scores(current, teacher_model, lambda: batches(packed, micro_batch_size, seed=seed, epochs=None),
+                        config, LossConfig(weights={"reverse_kl": 1.0}), mil_layout)
+    result.update({"model": str(student), "teacher": str(teacher), "data": str(data)})
+    return result, save_importance(result, Path(out))

@@ -1,0 +1,142 @@
+"""`hybridize run`: the staged recipe end to end, its resumability after SIGKILL, and its refusals."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tiny import tiny_teacher, tiny_tokenizer
+
+from hybridize.config import load_recipe, validate_against_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "tiny-llama"
+    tiny_teacher().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_recipe(path: Path, teacher_dir, **changes):
+    train = {"steps": 4, "micro_batch_size": 2, "seq_len": 48, "lr": 1e-3, "save_every": 1}
+    recipe = {
+        "teacher": str(teacher_dir),
+        "data": {"train": {"synthetic": {"tasks": ["multi_digit"], "n": 16, "knobs": {"multi_digit": {"digits": 2}}}},
+                 "eval": {"synthetic": {"tasks": ["multi_digit"], "n": 4, "knobs": {"multi_digit": {"digits": 2}}}}},
+        "eval": {"max_new_tokens": 8, "batch_size": 4},
+        "stages": [
+            {"name": "h1", "count": 1, "select": "loo", "train": dict(train)},
+            {"name": "h2", "count": 2, "select": "mmr", "probe_steps": 2, "train": dict(train)},
+            {"name": "sft", "kind": "sft", "train": {**train, "steps": 2}},
+        ],
+    }
+    recipe.update(changes)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def hybridize(*args, kill_at=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("HYBRIDIZE_KILL_AT", None)
+    if kill_at:
+        env["HYBRIDIZE_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "hybridize.cli", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(teacher_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("run")
+    recipe = write_recipe(base / "recipe.yaml", teacher_dir)
+    result = hybridize("run", recipe, "--out", base / "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return recipe, base / "run"
+
+
+def test_recipe_run_writes_every_stage_its_choices_evaluation_and_the_report(uninterrupted):
+    _, run = uninterrupted
+    state = json.loads((run / "state.json").read_text())
+    assert state["completed"] == ["h1", "h2", "sft"]
+    assert (run / "report.md").is_file() and (run / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    loo = json.loads((run / "importance" / "loo.json").read_text())
+    h1 = json.loads((run / "h1" / "layers.json").read_text())
+    assert h1["selection"] == "loo" and h1["new_layers"] == loo["ranking"][:1]
+    h2 = json.loads((run / "h2" / "layers.json").read_text())
+    mmr = json.loads((run / "importance" / "h2-mmr.json").read_text())
+    assert h2["new_layers"] == mmr["ranking"][:1] and h2["mixer_types"].count("mamba") == 2
+    assert json.loads((run / "sft" / "layers.json").read_text())["mixer_types"] == h2["mixer_types"]
+    evaluation = json.loads((run / "h1" / "eval.json").read_text())
+    for section in ("teacher_forced", "teacher_forced_at_init"):
+        assert evaluation[section]["kl_teacher_model"] > 0 and evaluation[section]["tokens"] > 0
+    assert evaluation["tokens"] > 0 and evaluation["count"] == 4
+    assert (run / "h1" / "metrics.jsonl").is_file() and not (run / ".work" / "h1").exists()
+
+
+@pytest.mark.parametrize("kill_at", ["batch:h2:2", "stage-done:h1", "checkpoint-staged"])
+def test_resume_after_kill_matches_uninterrupted_run(uninterrupted, tmp_path, kill_at):
+    recipe, reference = uninterrupted
+    out = tmp_path / "run"
+    killed = hybridize("run", recipe, "--out", out, kill_at=kill_at)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = hybridize("run", recipe, "--out", out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for stage in ("h1", "h2", "sft"):
+        expected = load_file(reference / stage / "model.safetensors")
+        got = load_file(out / stage / "model.safetensors")
+        assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6, stage
+    assert not list(out.glob(".*staging*"))
+
+
+def test_restarting_with_a_different_recipe_is_refused(uninterrupted, teacher_dir, tmp_path):
+    _, run = uninterrupted
+    other = write_recipe(tmp_path / "other.yaml", teacher_dir, seed=5)
+    result = hybridize("run", other, "--out", run)
+    assert result.returncode == 2 and "different recipe" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"stages": [{"name": "a", "count": 1, "train": {"steps": 1, "lerning_rate": 1}}]}, "did you mean 'lr'"),
+        ({"stages": [{"name": "a", "count": 9, "train": {"steps": 1}}]}, "9"),
+        ({"data": {"train": "missing.jsonl"}}, "does not exist"),
+    ],
+)
+def test_bad_recipes_stop_with_one_sentence(teacher_dir, tmp_path, change, message):
+    recipe = write_recipe(tmp_path / "bad.yaml", teacher_dir, **change)
+    result = hybridize("run", recipe, "--out", tmp_path / "run")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_earlier_stages(teacher_dir, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", teacher_dir)
+    data = yaml.safe_load(recipe.read_text())
+    data["stages"][1]["select"] = "explicit"
+    data["stages"][1].pop("count")
+    data["stages"][1].pop("probe_steps")
+    data["stages"][1]["layers"] = [0]
+    data["stages"][1]["train"]["lr"] = 1e30
+    recipe.write_text(yaml.safe_dump(data))
+    result = hybridize("run", recipe, "--out", tmp_path / "run")
+    assert result.returncode == 2 and "non-finite" in result.stderr
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["completed"] == ["h1"]
+    assert (tmp_path / "run" / "h1" / "model.safetensors").is_file()
+
+
+def test_paper_recipe_validates_for_a_50_layer_teacher(tmp_path):
+    for name in ("traces.jsonl", "heldout.jsonl"):
+        (tmp_path / name).write_text("")
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "apriel-h1-15b.yaml",
+                         [f"data.train={tmp_path / 'traces.jsonl'}", f"data.eval={tmp_path / 'heldout.jsonl'}"])
+    targets = validate_against_model(recipe, 50)
+    assert [t for t in targets if t is not None] == [25, 27, 30, 34, 37, 40]
+    assert all(s.loss.weights == {"reverse_kl": 1.0} for s in recipe.stages if s.kind == "distill")
