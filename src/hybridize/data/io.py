@@ -109,7 +109,7 @@ def _normalize_content(row: dict) -> tuple[dict | None, str | None]:
     return None, "missing_fields"
 
 
-_BAD_JSON = object()
+BAD_JSON = object()
 
 
 def _jsonl_rows(path: Path) -> Iterator:
@@ -119,7 +119,7 @@ def _jsonl_rows(path: Path) -> Iterator:
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError:
-                    yield _BAD_JSON
+                    yield BAD_JSON
 
 
 def _parquet_rows(path: Path) -> Iterator:
@@ -156,29 +156,37 @@ def _rows(path: Path) -> Iterator:
                     "(.parquet) or a folder saved with datasets' save_to_disk.")
 
 
-def read_rows(path: str | os.PathLike) -> tuple[list[dict], ReadReport]:
-    """Rows of a JSONL file, Parquet file or saved HF dataset folder, normalised, with a report.
+def raw_rows(path: str | os.PathLike) -> list:
+    """The file's rows as parsed, before normalisation (BAD_JSON marks a line that is not JSON).
 
-    Raises DataError if the file is missing or unreadable or has no usable row.
+    Raises DataError naming the file if it is missing, unreadable or of an unsupported kind.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} does not exist.")
-    kept, malformed, total = [], Counter(), 0
     try:
-        for raw in _rows(path):
-            total += 1
-            row, reason = (None, "bad_json") if raw is _BAD_JSON else normalize_row(raw)
-            if row is None:
-                malformed[reason] += 1
-            else:
-                kept.append(row)
+        return list(_rows(path))
     except DataError:
         raise
     except UnicodeDecodeError:
         raise DataError(f"{path} is not UTF-8 text; JSON Lines files must be UTF-8.") from None
     except Exception as error:  # OSError, a corrupt Parquet file or dataset folder, ...
         raise DataError(f"Could not read {path}: {error}") from None
+
+
+def read_rows(path: str | os.PathLike) -> tuple[list[dict], ReadReport]:
+    """Rows of a JSONL file, Parquet file or saved HF dataset folder, normalised, with a report.
+
+    Raises DataError if the file is missing or unreadable or has no usable row.
+    """
+    kept, malformed, total = [], Counter(), 0
+    for raw in raw_rows(path):
+        total += 1
+        row, reason = (None, "bad_json") if raw is BAD_JSON else normalize_row(raw)
+        if row is None:
+            malformed[reason] += 1
+        else:
+            kept.append(row)
     report = ReadReport(total=total, kept=len(kept), malformed=dict(malformed))
     if not kept:
         raise DataError(f"{path} has no usable rows ({report.summary()}).")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from hybridize.data.io import _BAD_JSON, DataError, _rows, normalize_row
+from hybridize.data.io import BAD_JSON, DataError, normalize_row, raw_rows
 from hybridize.data.synthetic import write_jsonl
 from hybridize.evaluate.answers import extract_answer, is_correct
 from hybridize.evaluate.generate import render_prompts
@@ -68,19 +68,9 @@ def prompts_from_rows(rows, source: str = "prompt rows") -> list[dict]:
 
 def read_prompts(path: str | os.PathLike) -> list[dict]:
     """Prompts from a JSONL file, Parquet file or saved dataset folder; DataError names a bad row."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path} does not exist.")
-    try:
-        rows = list(_rows(path))
-    except DataError:
-        raise
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text; JSON Lines files must be UTF-8.") from None
-    except Exception as error:  # OSError, a corrupt Parquet file or dataset folder, ...
-        raise DataError(f"Could not read {path}: {error}") from None
+    rows = raw_rows(path)
     for number, row in enumerate(rows, start=1):
-        if row is _BAD_JSON:
+        if row is BAD_JSON:
             raise DataError(f"{path} row {number} is not valid JSON.")
     return prompts_from_rows(rows, source=str(path))
 
