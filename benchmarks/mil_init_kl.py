@@ -28,16 +28,16 @@ def conversation_batches(tokenizer, rows, batch_size, max_length):
 
 
 @torch.no_grad()
-def mean_kl(teacher, student, batches):
-    total, count = 0.0, 0
+def mean_kls(teacher, students: dict, batches):
+    """KL(teacher || student) per token for each student; the teacher runs once per batch."""
+    totals, count = {name: 0.0 for name in students}, 0
     for batch in batches:
         mask = batch["attention_mask"].bool()
-        t = teacher(**batch).logits
-        s = student(**batch).logits
-        kl = kl_per_token(t, s)  # KL(teacher || student) per position
-        total += kl[mask].sum().item()
+        t = teacher(**batch, use_cache=False).logits[mask]
+        for name, student in students.items():
+            totals[name] += kl_per_token(t, student(**batch, use_cache=False).logits[mask]).sum().item()
         count += mask.sum().item()
-    return total / count
+    return {name: total / count for name, total in totals.items()}
 
 
 def main():
@@ -49,7 +49,6 @@ def main():
     parser.add_argument("--max-length", type=int, default=512)
     args = parser.parse_args()
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     teacher, tokenizer = load_teacher(args.teacher)
     rows = []
     tasks = ["arithmetic", "variable_tracking", "multi_digit"]
@@ -57,15 +56,13 @@ def main():
         rows += synthesize(task, args.rows // len(tasks), seed=1234, split="test")
     layers, how = select_layers(teacher.config.num_hidden_layers, count=args.count)
     kinds = ["mamba" if i in layers else "attention" for i in range(teacher.config.num_hidden_layers)]
-    results = {}
     started = time.time()
-    for name, options in [("mil_apriel", dict(mil_layout="apriel")), ("mil_aligned", dict(mil_layout="aligned")),
-                          ("random", dict(mixer_init="random"))]:
-        values = []
-        for seed in args.seeds:
-            hybrid = build_hybrid(teacher, kinds, seed=seed, **options)
-            values.append(mean_kl(teacher, hybrid, conversation_batches(tokenizer, rows, 8, args.max_length)))
-        results[name] = values
+    inits = {"mil_apriel": dict(mil_layout="apriel"), "mil_aligned": dict(mil_layout="aligned"),
+             "random": dict(mixer_init="random")}
+    students = {(name, seed): build_hybrid(teacher, kinds, seed=seed, **options)
+                for name, options in inits.items() for seed in args.seeds}
+    kls = mean_kls(teacher, students, conversation_batches(tokenizer, rows, 8, args.max_length))
+    results = {name: [kls[(name, seed)] for seed in args.seeds] for name in inits}
     print(json.dumps({"teacher": args.teacher, "mixer_layers": layers, "selection": how, "rows": len(rows),
                       "seeds": args.seeds, "kl_teacher_hybrid": results, "seconds": round(time.time() - started)}))
     print(f"\n| init | KL(teacher || hybrid), nats/token, mean over seeds {args.seeds} | min | max |")
