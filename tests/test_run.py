@@ -140,3 +140,29 @@ def test_paper_recipe_validates_for_a_50_layer_teacher(tmp_path):
     targets = validate_against_model(recipe, 50)
     assert [t for t in targets if t is not None] == [25, 27, 30, 34, 37, 40]
     assert all(s.loss.weights == {"reverse_kl": 1.0} for s in recipe.stages if s.kind == "distill")
+
+
+def test_distill_refuses_a_student_with_another_vocabulary(teacher_dir, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hybridize.convert.checkpoint import save_hybrid
+    from hybridize.convert.surgery import build_hybrid
+
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    save_hybrid(build_hybrid(other, ["attention", "mamba"]), tiny_tokenizer(), tmp_path / "student")
+    result = hybridize("distill", "--teacher", teacher_dir, "--student", tmp_path / "student", "--data", "synthetic",
+                       "--steps", 1, "--out", tmp_path / "out")
+    assert result.returncode == 2 and "vocabulary" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_distill_command_trains_and_saves_a_checkpoint(teacher_dir, tmp_path):
+    assert hybridize("convert", "--teacher", teacher_dir, "--layers", "1", "--out", tmp_path / "h").returncode == 0
+    result = hybridize("distill", "--teacher", teacher_dir, "--student", tmp_path / "h", "--data",
+                       "synthetic:multi_digit", "--steps", 3, "--seq-len", 48, "--micro-batch-size", 2,
+                       "--out", tmp_path / "d")
+    assert result.returncode == 0, result.stderr[-2000:]
+    info = json.loads((tmp_path / "d" / "layers.json").read_text())
+    assert info["steps"] == 3 and info["mixer_types"][1] == "mamba"
+    assert len((tmp_path / "d" / "metrics.jsonl").read_text().splitlines()) >= 1

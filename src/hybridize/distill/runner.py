@@ -269,6 +269,10 @@ def distill_stage(teacher, student, data, out, loss="reverse_kl", overwrite=Fals
     spec = validate(LossConfig, {"weights": {name: 1.0 for name in loss.split("+")}}, source="--loss")
     teacher_model, tokenizer = load_teacher(teacher, device=world.device)
     student_model, _ = load_hybrid(student, device=world.device)
+    if student_model.config.vocab_size != teacher_model.config.vocab_size:
+        raise UserError(f"the student {student} has a vocabulary of {student_model.config.vocab_size} tokens and the "
+                        f"teacher {teacher} one of {teacher_model.config.vocab_size}; distil from the model it was "
+                        "converted from")
     rows = load_rows(data, split="train")
     examples, _ = tokenize_rows(rows, tokenizer, max_length=train.seq_len)
     packed = pack(examples, train.seq_len, pad_id=tokenizer.pad_token_id)
