@@ -1,6 +1,6 @@
 """Achieved memory bandwidth of the Mamba mixer kernels, against a measured copy bandwidth.
 
-    python benchmarks/kernels.py [--sweep] [--json PATH]
+    python benchmarks/mamba_kernels.py [--sweep] [--json PATH]
 
 Bytes counted = every input read once + every output written once (in the tensors' own dtypes);
 GB/s = bytes / median time (triton.testing.do_bench: CUDA events, L2 flushed before each run).
