@@ -295,6 +295,34 @@ def eval_command(
         save_result(result, out)
 
 
+@app.command("bench")
+@user_errors
+def bench_command(
+    model: Optional[str] = typer.Argument(None, help="Model directory, .gguf or built-in name (or use --shape)."),
+    shape: Optional[str] = typer.Option(None, help="Random-weight preset: apriel-15b, llama3-8b, smollm2-135m."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher of a hybrid MODEL, measured in the same run."),
+    mixer_layers: Optional[str] = typer.Option(None, help="Mixer-layer counts to measure, e.g. 25,30,40."),
+    layout: Optional[Path] = typer.Option(None, help="layers.json naming the mixer layers."),
+    input_len: int = typer.Option(1),
+    output_len: int = typer.Option(16384),
+    batch: str = typer.Option("auto", help="N, or auto: the most sequences whose caches fit."),
+    mode: str = typer.Option("steady", help="full (every output token) or steady (decode at context I+O/2)."),
+    stock: bool = typer.Option(True, "--stock/--no-stock", help="Also time stock transformers generate()."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
+):
+    """Decode throughput of teacher and hybrids in one engine, beside the roofline and the stock path."""
+    from hybridize.bench.runner import bench
+    from hybridize.bench.shapes import get_shape
+
+    if (model is None) == (shape is None):
+        raise UserError("give either MODEL or --shape")
+    if batch != "auto" and not (batch.isdigit() and int(batch) > 0):
+        raise UserError(f"--batch must be a positive integer or auto, got {batch!r}")
+    bench(get_shape(shape) if shape else model, teacher=teacher, mixer_layers=_parse_layers(mixer_layers),
+          layout=layout, input_len=input_len, output_len=output_len,
+          batch="auto" if batch == "auto" else int(batch), mode=mode, include_stock=stock, json_path=json_out)
+
+
 @app.command()
 @user_errors
 def report(run_dir: Path = typer.Argument(..., help="A run directory of `hybridize run`.")):

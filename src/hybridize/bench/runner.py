@@ -248,7 +248,11 @@ def _measure_engine(model, batch, input_len, output_len, mode, steps, engine_opt
             context = mean_context(input_len, output_len)
             warm = 2
             room = total - 1 - context - warm
-            steps = max(1, min(steps, room // 3))
+            if room < 3:
+                raise UserError(f"steady mode times at least 3 decode steps after context {context}; "
+                                f"--output-len {output_len} leaves room for {max(room, 0)}, use at least "
+                                f"{output_len + 2 * (3 - room)}")
+            steps = min(steps, room // 3)
             engine.fill_synthetic(context, seed=seed)
             for _ in range(warm):
                 engine.step()
