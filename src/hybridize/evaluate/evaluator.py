@@ -138,10 +138,11 @@ def generate_completions(model, tokenizer, rows, budgets, batch_size=16) -> list
     """Greedy chat completions in row order, task by task (each its own budget), shortest prompts first.
 
     A task's rows are split into equal batches of at most `batch_size`: a last batch of a few rows
-    would cost nearly as many decode steps as a full one. On a CPU the batches run side by side,
-    one per core, each op single-threaded: decode-sized matmuls barely speed up with more threads
-    (on a 2-core machine, two threads per op were slower than one), while two batches at once take
-    about half the time.
+    would cost nearly as many decode steps as a full one. On a CPU the batches run side by side in
+    `torch.get_num_threads()` worker threads, each op single-threaded: intra-op threads meet at
+    every op, so one core taken by another job stalls all of them (a 0.12 s decode step took 3.9 s
+    on the shared 2-core machine, docs/evaluation.md), while independent batches never wait on
+    each other.
     """
     prompts = [tokenizer(tokenizer.apply_chat_template(prompt_messages(row), tokenize=False,
                                                        add_generation_prompt=True),
@@ -174,6 +175,7 @@ def generate_completions(model, tokenizer, rows, budgets, batch_size=16) -> list
 
 
 def generation_accuracy(model, tokenizer, rows, budgets, batch_size=16) -> dict:
+    """`score_completions` of the model's greedy completions, with the seconds they took."""
     started = time.perf_counter()
     result = score_completions(rows, generate_completions(model, tokenizer, rows, budgets, batch_size))
     result["seconds"] = time.perf_counter() - started

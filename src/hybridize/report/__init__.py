@@ -28,7 +28,7 @@ def build_report(run_dir) -> tuple[Path, Path]:
     run = collect_run(run_dir)
     report_path, plot_path = run_dir / "report.md", run_dir / "pareto.png"
     _write_text_atomic(report_path, render_markdown(run))
-    points = [(c["throughput_ratio"], c["eval"]["task_mean_accuracy"], f"{c['mixers']} mixers",
+    points = [(c["throughput_ratio"], c["eval"]["task_mean_accuracy"], f"{c['mixers']} mixer" + "s" * (c["mixers"] != 1),
                c["throughput_source"] == "measured")
               for c in run["checkpoints"] if c["eval"] and c["throughput_ratio"] is not None]
     teacher = run["teacher"]["task_mean_accuracy"] if run["teacher"] else None
