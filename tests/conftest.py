@@ -13,6 +13,14 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The built-in teacher's chat tokenizer (the teacher is converted into the test cache on first use)."""
+    from hybridize.convert.teacher import load_teacher
+
+    return load_teacher("smollm2-135m")[1]
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

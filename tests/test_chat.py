@@ -1,11 +1,8 @@
 """Tokenising rows: the loss mask covers exactly what the assistant says, and nothing is lost silently."""
 
 import copy
-import os
-from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
 
 from hybridize.data.chat import tokenize_row, tokenize_rows
 
@@ -18,17 +15,6 @@ MULTI = {"id": "multi", "messages": [{"role": "system", "content": "Be brief."},
                                      {"role": "assistant", "content": ANSWER},
                                      {"role": "user", "content": "And doubled?"},
                                      {"role": "assistant", "content": "84"}]}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """The built-in teacher's chat tokenizer (converted into the test cache on first use)."""
-    directory = Path(os.environ["HYBRIDIZE_CACHE"]) / "teachers" / "smollm2-135m"
-    if not (directory / "config.json").is_file():
-        from hybridize.convert.teacher import load_teacher
-
-        load_teacher("smollm2-135m")
-    return AutoTokenizer.from_pretrained(directory)
 
 
 def _spans(example):

@@ -18,14 +18,6 @@ from tiny import tiny_teacher
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    """The built-in teacher's chat tokenizer (converted into the test cache on first use)."""
-    from hybridize.convert.teacher import load_teacher
-
-    return load_teacher("smollm2-135m")[1]
-
-
-@pytest.fixture(scope="module")
 def teacher(tokenizer):
     """A random tiny Llama whose vocabulary is the real tokenizer's, so real chat rows run through it."""
     torch.manual_seed(0)

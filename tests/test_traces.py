@@ -1,11 +1,9 @@
 """Teacher traces: only completions whose answer verifies become training rows, and the counts add up."""
 
 import json
-import os
-from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from hybridize.convert.surgery import build_hybrid
 from hybridize.data.io import DataError
@@ -15,17 +13,6 @@ from hybridize.data.traces import (generate_traces, prompts_from_rows, read_prom
 from tiny import COMMON
 
 COUNTS = ("accepted", "unfinished", "no_answer", "wrong")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    """The built-in teacher's chat tokenizer (converted into the test cache on first use)."""
-    directory = Path(os.environ["HYBRIDIZE_CACHE"]) / "teachers" / "smollm2-135m"
-    if not (directory / "config.json").is_file():
-        from hybridize.convert.teacher import load_teacher
-
-        load_teacher("smollm2-135m")
-    return AutoTokenizer.from_pretrained(directory)
 
 
 @pytest.fixture(scope="module")
