@@ -21,7 +21,6 @@ import random
 import shutil
 from pathlib import Path
 
-import torch
 import yaml
 
 from hybridize.config import RecipeConfig, TrainConfig, load_recipe, validate_against_model
@@ -254,7 +253,6 @@ class RecipeRun:
 
 def run(recipe_path, run_dir, overrides=()):
     """Run (or resume) every stage of the recipe in `run_dir`; returns the report paths on rank 0."""
-    torch.manual_seed(0)
     return RecipeRun(load_recipe(recipe_path, overrides), run_dir).run()
 
 
