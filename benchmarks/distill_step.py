@@ -56,9 +56,6 @@ import os
 import sys
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
-# this folder holds kernels.py, which would shadow the `kernels` package transformers probes for
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 
 import argparse  # noqa: E402
 import gc  # noqa: E402

@@ -1,12 +1,14 @@
 """A tiny distillation run: helpers for the trainer tests, and under torchrun the two-process test's worker.
 
-    torchrun --nproc_per_node 2 tests/distributed_worker.py OUT_DIR
+    torchrun --nproc_per_node 2 tests/distributed_worker.py OUT_DIR [STATE_DIR]
 
-trains 5 steps of global batch 4 (2 sequences per process), stopping after 3 and resuming from
-the saved state, and writes OUT_DIR/losses.json and the gathered OUT_DIR/student.safetensors.
+trains 5 steps of global batch 4 (2 sequences per process), stopping after 3 (keeping that state
+as OUT_DIR/state-step3) and resuming from the saved state, and writes OUT_DIR/losses.json and the
+gathered OUT_DIR/student.safetensors. With STATE_DIR, it starts from a copy of that state instead.
 """
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -54,12 +56,18 @@ def tiny_batches(count, batch_size=2, seq_len=24, seed=0):
     return out
 
 
-def run(out_dir, world=None, micro_batch_size=2, grad_accum=1, steps=5, stop_after=None):
+def run(out_dir, world=None, micro_batch_size=2, grad_accum=1, steps=5, stop_after=None, start_from=None):
     """Train the tiny student on global batches of 4 sequences; returns the trainer.
 
-    With `stop_after`, the data ends after that many steps; a fresh trainer then resumes from the
-    saved state and finishes, as a restarted job would.
+    With `stop_after`, the data ends after that many steps, the state is copied to
+    `out_dir/state-step{stop_after}`, and a fresh trainer resumes from the saved state and finishes,
+    as a restarted job would. With `start_from`, training resumes from a copy of that state.
     """
+    out_dir = Path(out_dir)
+    if start_from is not None and (world is None or world.is_main):
+        shutil.copytree(start_from, out_dir / "state")
+    if world is not None and world.sharded:
+        torch.distributed.barrier()
     data = tiny_batches(steps * 4 // micro_batch_size, batch_size=micro_batch_size)
     config = TrainConfig(steps=steps, micro_batch_size=micro_batch_size, grad_accum=grad_accum, seq_len=24,
                          lr=3e-3, warmup_steps=1, log_every=1)
@@ -70,11 +78,14 @@ def run(out_dir, world=None, micro_batch_size=2, grad_accum=1, steps=5, stop_aft
 
     if stop_after is not None:
         trainer().train(data[: stop_after * 4 // micro_batch_size])
+        if world is None or world.is_main:
+            shutil.copytree(out_dir / "state", out_dir / f"state-step{stop_after}")
         resumed = trainer()
         assert resumed.resume()
         resumed.train(data)
         return resumed
     finished = trainer()
+    assert finished.resume() == (start_from is not None)
     finished.train(data)
     return finished
 
@@ -82,7 +93,8 @@ def run(out_dir, world=None, micro_batch_size=2, grad_accum=1, steps=5, stop_aft
 if __name__ == "__main__":
     torch.set_num_threads(1)
     world = init_world()
-    trainer = run(sys.argv[1], world=world, stop_after=3)
+    start_from = sys.argv[2] if len(sys.argv) > 2 else None
+    trainer = run(sys.argv[1], world=world, stop_after=None if start_from else 3, start_from=start_from)
     student = trainer.full_student()
     if world.is_main:
         Path(sys.argv[1], "losses.json").write_text(json.dumps(trainer.losses))

@@ -94,7 +94,9 @@ def test_two_micro_batches_of_two_make_the_same_update_as_one_of_four(tmp_path):
     split = make_trainer(tmp_path / "split", steps=3, micro_batch_size=2, grad_accum=2)
     split.train(halves)
 
-    assert max_diff(weights(whole.student), weights(split.student)) <= 1e-6
+    # Adam divides by sqrt(v), so where a gradient is near zero fp32 summation-order noise moves a
+    # weight by up to ~1e-6; one update moves weights by up to lr = 3e-3
+    assert max_diff(weights(whole.student), weights(split.student)) <= 1e-5
     for a, b in zip(metric_rows(tmp_path / "whole"), metric_rows(tmp_path / "split")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)

@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 
@@ -74,7 +74,7 @@ def shard_batches(batches: Iterable, world: World) -> Iterator:
     return itertools.islice(iter(batches), world.rank, None, world.size)
 
 
-def shard_objective(objective: nn.Module, bf16: bool) -> None:
+def shard_objective(objective: nn.Module) -> None:
     """Apply FSDP2 to a module holding `.student` and optionally `.teacher` (Hugging Face causal LMs).
 
     Each decoder layer of both models becomes its own unit. The teacher's remaining parameters
@@ -86,19 +86,23 @@ def shard_objective(objective: nn.Module, bf16: bool) -> None:
     around its use (see the objective's forward), because only its `.model` is called, never its
     own forward. The teacher keeps its own unit so its dtype may differ from the student's.
 
+    Parameters are gathered in the dtype they are stored in (fp32 master weights for the student)
+    and bf16 compute comes from autocast, exactly as on one GPU, rather than from FSDP's
+    mixed-precision policy: that policy would also round the Mamba decay parameters (A_log, dt
+    bias, D) and the embeddings, hence the whole residual stream, to bf16, so a sharded run would
+    drift from a single-GPU one by more than reduction order. The price is fp32 all-gathers.
+
     Gradients are summed over ranks, not averaged: the loss is already divided by the token
-    count of the whole global batch. bf16 gathers parameters in bf16 and reduces in fp32.
+    count of the whole global batch.
     """
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    options = {"mp_policy": policy} if policy is not None else {}
     models = [objective.student] + ([objective.teacher] if objective.teacher is not None else [])
     for model in models:
         for layer in model.model.layers:
             if any(True for _ in layer.parameters()):  # identity layers hold nothing
-                fully_shard(layer, **options)
+                fully_shard(layer)
     if objective.teacher is not None:
-        fully_shard(objective.teacher, **options)
-    fully_shard(objective, **options)
+        fully_shard(objective.teacher)
+    fully_shard(objective)
     for module in objective.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

@@ -200,7 +200,7 @@ class Trainer:
         self.student = student
         self.objective = DistillationObjective(student, teacher, loss_spec)
         if self.world.sharded:
-            distributed.shard_objective(self.objective, self.bf16)
+            distributed.shard_objective(self.objective)
         self.params = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, train_config, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -311,8 +311,10 @@ class Trainer:
                 torch.save({"optimizer": optim_state, "scheduler": self.scheduler.state_dict()},
                            staging / "optimizer.pt")
                 torch.save(_rng_state(), staging / "rng.pt")
-                info = {"step": self.step, "tokens": self.tokens, "micro_batches": self.micro_batches,
-                        "world_size": self.world.size, "losses": self.losses}
+                info = {"step": self.step, "tokens": self.tokens, "losses": self.losses,
+                        "micro_batches": self.micro_batches * self.world.size,  # of the global stream
+                        "micro_batches_per_step": self.config.grad_accum * self.world.size,
+                        "micro_batch_size": self.config.micro_batch_size, "world_size": self.world.size}
                 (staging / "trainer.json").write_text(json.dumps(info) + "\n")
                 _replace_dir(staging, path)
             except BaseException:
@@ -322,7 +324,13 @@ class Trainer:
         distributed.barrier(self.world)
 
     def load_state(self, path) -> None:
-        """Continue from a state written by `save_state` (with the same number of processes)."""
+        """Continue from a state written by `save_state`, by any number of processes.
+
+        The state is whole (gathered weights, optimizer state keyed by parameter name) and its data
+        position counts micro-batches of the global stream, so it resumes on a different number of
+        processes as long as a step takes as many micro-batches as before: with twice the processes,
+        half the grad_accum.
+        """
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -330,16 +338,29 @@ class Trainer:
         if not info_file.is_file():
             raise UserError(f"{path} holds no training state (no trainer.json)")
         info = json.loads(info_file.read_text())
-        if info["world_size"] != self.world.size:
-            raise UserError(f"the state in {path} was saved by {info['world_size']} processes; resume it with "
-                            f"the same number, not {self.world.size}")
+        if "micro_batches_per_step" not in info:  # older states count each rank's position alone
+            if info["world_size"] != self.world.size:
+                raise UserError(f"the state in {path} was saved by {info['world_size']} processes; resume it "
+                                f"with the same number, not {self.world.size}")
+            info["micro_batches"] *= info["world_size"]
+            info["micro_batches_per_step"] = self.config.grad_accum * self.world.size
+            info["micro_batch_size"] = self.config.micro_batch_size
+        per_step = self.config.grad_accum * self.world.size
+        saved_per_step, saved_size = info["micro_batches_per_step"], info["micro_batch_size"]
+        if saved_per_step != per_step or saved_size != self.config.micro_batch_size:
+            raise UserError(
+                f"the state in {path} was trained on global batches of {saved_per_step} micro-batches of "
+                f"{saved_size}, this run's are {per_step} of {self.config.micro_batch_size} (grad_accum "
+                f"{self.config.grad_accum} x {self.world.size} processes); set micro_batch_size and grad_accum "
+                "so that they match")
         blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         distributed.load_full_state(self.student, load_file(path / "model.safetensors"),
                                     self.optimizer, blob["optimizer"])
         self.scheduler.load_state_dict(blob["scheduler"])
         _set_rng_state(torch.load(path / "rng.pt", weights_only=True))
         self.step, self.tokens = info["step"], info["tokens"]
-        self.micro_batches, self.losses = info["micro_batches"], info["losses"]
+        self.micro_batches = info["micro_batches"] // self.world.size  # this rank's share of the stream
+        self.losses = info["losses"]
         self._saved_step = self.step
         if self.world.is_main and self.out_dir is not None:
             _trim_metrics(self.out_dir / METRICS_FILE, self.step)
@@ -382,12 +403,15 @@ class _Metrics:
         if not self.on:
             return
         if out_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
             out_dir.mkdir(parents=True, exist_ok=True)
             self.file = open(out_dir / METRICS_FILE, "a")
-            # purge_step drops events a killed run wrote past the state it is resumed from
-            self.writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR), purge_step=step + 1 if step else None)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # a declared dependency, but a hand-made environment may lack it
+                logger.warning("tensorboard is not installed: metrics go to %s only", METRICS_FILE)
+            else:
+                # purge_step drops events a killed run wrote past the state it is resumed from
+                self.writer = SummaryWriter(str(out_dir / TENSORBOARD_DIR), purge_step=step + 1 if step else None)
         if sys.stderr.isatty():
             from tqdm import tqdm
 
