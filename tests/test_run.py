@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tiny import tiny_teacher, tiny_tokenizer
 
 from hybridize.config import load_recipe, validate_against_model
+from hybridize.report.collect import collect_run
 
 pytestmark = pytest.mark.slow
 
@@ -129,6 +130,78 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_earlier_stages(teacher_dir, t
     assert result.returncode == 2 and "non-finite" in result.stderr
     assert json.loads((tmp_path / "run" / "state.json").read_text())["completed"] == ["h1"]
     assert (tmp_path / "run" / "h1" / "model.safetensors").is_file()
+
+
+def test_teacher_sft_branches_and_a_starting_student(teacher_dir, tmp_path):
+    """teacher_sft fine-tunes the teacher first and every stage distils from it; a stage with
+    `start` branches off an earlier one; a second recipe starts from a checkpoint of the first
+    with fresh (random) mixers, and its token count continues the checkpoint's."""
+    train = {"steps": 2, "micro_batch_size": 2, "seq_len": 48, "lr": 1e-3}
+    recipe = write_recipe(tmp_path / "r.yaml", teacher_dir, teacher_sft={"train": {**train, "steps": 3}}, stages=[
+        {"name": "h1", "count": 1, "select": "loo", "train": train},
+        {"name": "h2", "count": 2, "select": "random", "train": train},
+        {"name": "h1-sft", "kind": "sft", "start": "h1", "train": train},
+    ])
+    run = tmp_path / "run"
+    result = hybridize("run", recipe, "--out", run)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    assert json.loads((run / "state.json").read_text())["completed"] == ["teacher", "h1", "h2", "h1-sft"]
+    teacher = json.loads((run / "teacher" / "layers.json").read_text())
+    assert teacher["kind"] == "teacher_sft" and teacher["sft_steps"] == 3 and teacher["sft_tokens"] > 0
+    assert (run / "base_teacher_eval.json").is_file() and (run / "teacher_eval.json").is_file()
+    base = load_file(teacher_dir / "model.safetensors")["model.embed_tokens.weight"]
+    tuned = load_file(run / "teacher" / "model.safetensors")["model.embed_tokens.weight"]
+    assert (base - tuned).abs().max() > 0  # the teacher itself was trained
+    h1, h2, branch = (json.loads((run / name / "layers.json").read_text()) for name in ("h1", "h2", "h1-sft"))
+    assert h1["teacher"] == str(run / "teacher")
+    assert branch["mixer_types"] == h1["mixer_types"] != h2["mixer_types"]
+    tokens = {name: json.loads((run / name / "eval.json").read_text())["tokens"] for name in ("h1", "h2", "h1-sft")}
+    assert tokens["h2"] == tokens["h1-sft"] == 2 * tokens["h1"]  # each continues h1's count
+    rows = collect_run(run)["checkpoints"]  # the fine-tuned teacher is the reference row, not a checkpoint
+    assert sorted(row["name"] for row in rows) == ["h1", "h1-sft", "h2"]
+
+    follow = write_recipe(tmp_path / "f.yaml", teacher_dir, teacher=str(run / "teacher"), student=str(run / "h1"),
+                          mixer_init="random", stages=[{"name": "h2", "count": 2, "select": "loo", "train": train}])
+    result = hybridize("run", follow, "--out", tmp_path / "follow")
+    assert result.returncode == 0, result.stderr[-3000:]
+    h2b = json.loads((tmp_path / "follow" / "h2" / "layers.json").read_text())
+    assert h2b["mixer_init"] == "random" and h2b["mixer_types"].count("mamba") == 2
+    assert set(h2b["mixer_types"][i] for i, kind in enumerate(h1["mixer_types"]) if kind == "mamba") == {"mamba"}
+    assert json.loads((tmp_path / "follow" / "h2" / "eval.json").read_text())["tokens"] == 2 * tokens["h1"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"stages": [{"name": "a", "count": 1, "start": "b", "train": {"steps": 1}}]}, "not an earlier stage"),
+        ({"teacher_sft": {"loss": "reverse_kl", "train": {"steps": 1}}}, "can only be ce"),
+        ({"stages": [{"name": "teacher", "count": 1, "train": {"steps": 1}}]}, "name the stage otherwise"),
+    ],
+)
+def test_bad_branches_and_teacher_sft_are_refused(teacher_dir, tmp_path, change, message):
+    recipe = write_recipe(tmp_path / "bad.yaml", teacher_dir, **change)
+    with pytest.raises(Exception, match=message):
+        load_recipe(recipe)
+
+
+def test_a_branch_may_not_remove_mixers_from_its_start(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", "unused", stages=[
+        {"name": "a", "count": 3, "train": {"steps": 1}},
+        {"name": "b", "count": 1, "start": "a", "train": {"steps": 1}},
+    ])
+    with pytest.raises(Exception, match="below the 3 of stage a"):
+        validate_against_model(load_recipe(recipe), num_layers=4)
+    recipe = write_recipe(tmp_path / "r.yaml", "unused", stages=[
+        {"name": "a", "count": 3, "train": {"steps": 1}},
+        {"name": "s", "kind": "sft", "train": {"steps": 1}},
+        {"name": "b", "count": 2, "start": "a", "train": {"steps": 1}},
+    ])
+    with pytest.raises(Exception, match="below the 3 of stage a"):  # a branch counts from its start
+        validate_against_model(load_recipe(recipe), num_layers=4)
+    single = write_recipe(tmp_path / "s.yaml", "unused", stages=[{"name": "a", "count": 1, "train": {"steps": 1}}])
+    with pytest.raises(Exception, match="below the 2 of the starting model"):  # a `student` checkpoint's mixers
+        validate_against_model(load_recipe(single), num_layers=4, initial=2)
 
 
 def test_paper_recipe_validates_for_a_50_layer_teacher(tmp_path):

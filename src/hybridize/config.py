@@ -114,7 +114,9 @@ class StageConfig(_Strict):
     A `distill` stage first raises the number of mixer layers to its target (`count` or
     `fraction` of all layers, chosen by `select`; or the explicit `layers`), then distils the
     teacher into the result. An `sft` stage converts nothing and fine-tunes the current model
-    (loss `ce` unless given). `probe_steps` is the length of each MMR probe.
+    (loss `ce` unless given). `probe_steps` is the length of each MMR probe. A stage starts from
+    the previous stage's model, or from the earlier stage named by `start` (a branch, e.g. an SFT
+    of a middle checkpoint while later stages go on from it).
     """
 
     aliases: ClassVar[dict[str, str]] = {"type": "kind", "target": "count", "selection": "select",
@@ -126,6 +128,8 @@ class StageConfig(_Strict):
     fraction: Optional[float] = Field(None, gt=0, le=1)
     select: Optional[Literal["loo", "mmr", "explicit", "random", "reverse"]] = None
     layers: Optional[list[int]] = None
+    start: Optional[str] = Field(None, description="an earlier stage to start from (default: the previous one)")
+    data: Optional["DataSource"] = Field(None, description="training rows of this stage (default: data.train)")
     probe_steps: int = Field(100, ge=1)
     loss: LossConfig
     train: TrainConfig
@@ -200,6 +204,9 @@ class DataSource(_Strict):
         return self
 
 
+StageConfig.model_rebuild()  # its `data` refers to DataSource, defined above
+
+
 class DataConfig(_Strict):
     aliases: ClassVar[dict[str, str]] = {"validation": "eval", "test": "eval", "training": "train"}
 
@@ -215,16 +222,44 @@ class EvalConfig(_Strict):
     limit: Optional[int] = Field(None, ge=1, description="evaluate at most this many rows")
 
 
+class TeacherSFTConfig(_Strict):
+    """Fine-tune the teacher itself before any conversion (e.g. a base model into a reasoning
+    teacher on the built-in tasks); every stage then distils from the fine-tuned teacher."""
+
+    data: Optional[DataSource] = Field(None, description="training rows (default: data.train)")
+    loss: LossConfig = Field(default_factory=lambda: LossConfig(weights="ce"))
+    train: TrainConfig
+
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _name_is_mix(cls, v):
+        return {"weights": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _labels_only(self):
+        if self.loss.needs_teacher:
+            raise ValueError("teacher_sft trains the teacher on labels; its loss can only be ce")
+        return self
+
+
 class RecipeConfig(_Strict):
-    """A whole staged conversion. `seed` seeds every stage and synthetic source that sets none itself."""
+    """A whole staged conversion. `seed` seeds every stage and synthetic source that sets none itself.
+
+    `student` starts the first stage from an existing hybrid checkpoint of the teacher instead of
+    the teacher itself; `mixer_init: random` gives new Mamba layers fresh weights instead of MIL.
+    """
 
     aliases: ClassVar[dict[str, str]] = {"model": "teacher", "dataset": "data", "mixer_type": "mixer",
-                                         "layout": "mil_layout", "evaluation": "eval"}
+                                         "layout": "mil_layout", "evaluation": "eval", "init": "mixer_init",
+                                         "start_from": "student", "teacher_finetune": "teacher_sft"}
 
     teacher: str
+    teacher_sft: Optional[TeacherSFTConfig] = None
+    student: Optional[str] = None
     data: DataConfig
     mixer: Literal["mamba"] = "mamba"
     mil_layout: Literal["apriel", "aligned"] = "apriel"
+    mixer_init: Literal["mil", "random"] = "mil"
     stages: list[StageConfig] = Field(min_length=1)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     seed: int = 0
@@ -235,10 +270,18 @@ class RecipeConfig(_Strict):
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"stage names must be unique; repeated: {', '.join(repeated)}")
-        for stage in self.stages:
-            if "seed" not in stage.train.model_fields_set:
-                stage.train.seed = self.seed
-        for source in (self.data.train, self.data.eval):
+        if "teacher" in names:
+            raise ValueError("'teacher' is the fine-tuned teacher's folder; name the stage otherwise")
+        for index, stage in enumerate(self.stages):
+            if stage.start is not None and stage.start not in names[:index]:
+                raise ValueError(f"stage {stage.name!r} starts from {stage.start!r}, which is not an earlier stage")
+        trainings = [stage.train for stage in self.stages] + ([self.teacher_sft.train] if self.teacher_sft else [])
+        for train in trainings:
+            if "seed" not in train.model_fields_set:
+                train.seed = self.seed
+        sources = [self.data.train, self.data.eval, *(stage.data for stage in self.stages),
+                   self.teacher_sft.data if self.teacher_sft else None]
+        for source in sources:
             if source is not None and source.synthetic is not None and "seed" not in source.synthetic.model_fields_set:
                 source.synthetic.seed = self.seed
         return self
@@ -267,10 +310,12 @@ def load_recipe(path, overrides: list[str] = ()) -> RecipeConfig:
     for item in overrides:
         apply_override(data, item)
     recipe = validate(RecipeConfig, data, source=f"recipe {path}")
-    for name in ("train", "eval"):
-        source = getattr(recipe.data, name)
+    sources = {"data.train": recipe.data.train, "data.eval": recipe.data.eval,
+               **{f"stages[{i}].data": stage.data for i, stage in enumerate(recipe.stages)},
+               "teacher_sft.data": recipe.teacher_sft.data if recipe.teacher_sft else None}
+    for name, source in sources.items():
         if source is not None and source.path is not None and not Path(source.path).exists():
-            raise UserError(f"recipe {path}: data.{name} path {source.path} does not exist")
+            raise UserError(f"recipe {path}: {name} path {source.path} does not exist")
     return recipe
 
 
@@ -397,19 +442,24 @@ def _field_suggestion(name: str, owner: type[BaseModel] | None) -> str:
     return f"; valid fields: {', '.join(fields)}"
 
 
-def validate_against_model(recipe: RecipeConfig, num_layers: int) -> list[int | None]:
+def validate_against_model(recipe: RecipeConfig, num_layers: int, initial: int = 0) -> list[int | None]:
     """Check every stage's target against a teacher of `num_layers` layers.
 
     Returns the total number of mixer layers each stage ends with (None for sft stages; for an
     explicit stage, at least its number of listed layers). Targets must lie in 1..num_layers and
-    never fall: stages only add mixers.
+    never fall below the count of the model the stage starts from (`initial` mixers for the first
+    stage, e.g. those of a `student` checkpoint): stages only add mixers.
     """
     targets: list[int | None] = []
-    current, previous = 0, None
+    counts: dict[str, int] = {}  # stage name -> mixer layers of its model
+    current, previous = initial, None
     for index, stage in enumerate(recipe.stages):
         where = f"stages[{index}] ({stage.name})"
+        if stage.start is not None:
+            current, previous = counts[stage.start], stage.start
         if stage.kind == "sft":
             targets.append(None)
+            counts[stage.name], previous = current, stage.name
             continue
         if stage.select == "explicit":
             bad = [i for i in stage.layers if not 0 <= i < num_layers]
@@ -423,8 +473,10 @@ def validate_against_model(recipe: RecipeConfig, num_layers: int) -> list[int | 
                 raise UserError(f"{where}: {what} gives {target} mixer layers, outside 1..{num_layers} for "
                                 f"a {num_layers}-layer teacher")
             if target < current:
-                raise UserError(f"{where}: target {target} mixer layers is below the {current} of stage "
-                                f"{previous}; stages can only add mixer layers")
+                start = f"stage {previous}" if previous else "the starting model"
+                raise UserError(f"{where}: target {target} mixer layers is below the {current} of {start}; "
+                                "stages can only add mixer layers")
         targets.append(target)
-        current, previous = target, stage.name
+        counts[stage.name] = current = target
+        previous = stage.name
     return targets

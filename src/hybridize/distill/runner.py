@@ -3,8 +3,10 @@
 Run directory::
 
     recipe.yaml           the resolved recipe (a restart with a different recipe is refused)
-    state.json            {"completed": [stage names], "tokens": cumulative training tokens}
-    teacher_eval.json     the teacher's own accuracy on the eval rows
+    state.json            {"completed": [stage names], "tokens": {stage: cumulative distillation tokens}}
+    teacher/              with teacher_sft: the fine-tuned teacher (HF directory), its metrics.jsonl
+    base_teacher_eval.json  with teacher_sft: the recipe's teacher before fine-tuning
+    teacher_eval.json     the accuracy of the teacher the stages distil from, on the eval rows
     importance/           loo.json/png on the teacher; <stage>-mmr.json/png on the hybrid before a stage
     <stage>/              the stage's checkpoint (HF directory + layers.json), metrics.jsonl,
                           tensorboard/, eval.json (after training and right after conversion)
@@ -39,6 +41,7 @@ from hybridize.importance.loo import leave_one_out
 from hybridize.importance.mmr import mmr_scores
 
 IMPORTANCE_ROWS = 16  # held-out rows for LOO
+TEACHER_DIR = "teacher"  # the fine-tuned teacher of a recipe with teacher_sft
 
 
 def source_rows(source, split):
@@ -80,7 +83,31 @@ class RecipeRun:
 
     def _state(self):
         path = self.run_dir / "state.json"
-        return json.loads(path.read_text()) if path.is_file() else {"completed": [], "tokens": 0}
+        state = json.loads(path.read_text()) if path.is_file() else {"completed": [], "tokens": {}}
+        if isinstance(state["tokens"], int):  # written before stages could branch: one running total
+            state["tokens"] = {name: state["tokens"] for name in state["completed"][-1:]}
+        return state
+
+    def _starting_model(self):
+        """The recipe's `student` checkpoint, checked against the teacher, or None."""
+        if self.recipe.student is None:
+            return None
+        model, _ = load_hybrid(self.recipe.student, device=self.world.device)
+        if model.config.vocab_size != self.teacher.config.vocab_size:
+            raise UserError(f"the student {self.recipe.student} has a vocabulary of {model.config.vocab_size} "
+                            f"tokens and the teacher {self.recipe.teacher} one of {self.teacher.config.vocab_size}")
+        if model.config.num_hidden_layers != self.teacher.config.num_hidden_layers:
+            raise UserError(f"the student {self.recipe.student} has {model.config.num_hidden_layers} layers and the "
+                            f"teacher {self.recipe.teacher} {self.teacher.config.num_hidden_layers}")
+        return model
+
+    def _starting_tokens(self) -> int:
+        """Distillation tokens already in the recipe's `student` checkpoint (0 when starting from the teacher)."""
+        if self.recipe.student is None:
+            return 0
+        from hybridize.convert.checkpoint import load_layers_info
+
+        return int(load_layers_info(self.recipe.student).get("tokens") or 0)
 
     def _write(self, path, data):
         if self.main:
@@ -94,21 +121,30 @@ class RecipeRun:
         recipe = self.recipe
         self.teacher, self.tokenizer = load_teacher(recipe.teacher, device=self.world.device)
         num_layers = self.teacher.config.num_hidden_layers
-        targets = validate_against_model(recipe, num_layers)
+        start = self._starting_model()
+        initial = sum(kind == "mamba" for kind in getattr(start.config, "mixer_types", [])) if start else 0
+        targets = validate_against_model(recipe, num_layers, initial)
         self.train_rows = source_rows(recipe.data.train, "train")
         self.eval_rows = source_rows(recipe.data.eval, "test") if recipe.data.eval is not None else []
         if not self.train_rows:
             raise UserError("the training data has no usable rows")
-        self._teacher_eval()
 
         state = self._state()
-        current = self.teacher
+        if recipe.teacher_sft is not None:
+            self._finetune_teacher(state)
+        self._teacher_eval()
+
+        current, previous = start or self.teacher, None
         for stage, target in zip(recipe.stages, targets):
-            stage_dir = self.run_dir / stage.name
             if stage.name in state["completed"]:
-                current, _ = load_hybrid(stage_dir, device=self.world.device)
+                current, previous = None, stage.name  # loaded only if a later stage starts from it
                 continue
-            current = self._run_stage(stage, target, current, state)
+            origin = stage.start or previous
+            if stage.start is not None or current is None:
+                current, _ = load_hybrid(self.run_dir / origin, device=self.world.device)
+            base_tokens = state["tokens"].get(origin, 0) if origin else self._starting_tokens()
+            current = self._run_stage(stage, target, current, state, base_tokens)
+            previous = stage.name
             state["completed"].append(stage.name)
             self._write(self.run_dir / "state.json", state)
             if self.main:
@@ -134,14 +170,48 @@ class RecipeRun:
         e = self.recipe.eval
         return {"max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size, "limit": e.limit}
 
-    def _batches(self, train: TrainConfig):
-        examples, _ = tokenize_rows(self.train_rows, self.tokenizer, max_length=train.seq_len)
+    def _batches(self, train: TrainConfig, rows=None):
+        examples, _ = tokenize_rows(rows or self.train_rows, self.tokenizer, max_length=train.seq_len)
         packed = pack(examples, train.seq_len, pad_id=self.tokenizer.pad_token_id)
         if not packed:
             raise UserError("the training data produced no trainable tokens")
         return lambda: batches(packed, train.micro_batch_size, seed=train.seed, epochs=None)
 
-    def _run_stage(self, stage, target, current, state):
+    def _finetune_teacher(self, state):
+        """recipe.teacher_sft: fine-tune the teacher on labels, save it to run_dir/teacher, use it from then on."""
+        folder = self.run_dir / TEACHER_DIR
+        if TEACHER_DIR not in state["completed"]:
+            sft = self.recipe.teacher_sft
+            if self.eval_rows and self.main and not (self.run_dir / "base_teacher_eval.json").is_file():
+                from hybridize.evaluate.evaluator import evaluate
+
+                base = evaluate(self.teacher, self.tokenizer, self.eval_rows, **self._eval_settings())
+                self._write(self.run_dir / "base_teacher_eval.json", base)
+            barrier(self.world)
+            layers = self.teacher.config.num_hidden_layers
+            model = build_hybrid(self.teacher, ["attention"] * layers, seed=sft.train.seed).to(self.world.device)
+            work = self.work / TEACHER_DIR
+            trainer = Trainer(model, None, sft.train, sft.loss, out_dir=work / "train", world=self.world)
+            trainer.resume()
+            rows = source_rows(sft.data, "train") if sft.data is not None else self.train_rows
+            result = trainer.train(self._kill_points(TEACHER_DIR, self._batches(sft.train, rows)()))
+            model = trainer.full_student()
+            if self.main:
+                info = {"stage": TEACHER_DIR, "kind": "teacher_sft", "base_teacher": self.recipe.teacher,
+                        "sft_tokens": result.tokens, "sft_steps": result.steps,
+                        "mixer_types": ["attention"] * layers, "selection": "none", "new_layers": []}
+                extra = {METRICS_FILE: work / "train" / METRICS_FILE, TENSORBOARD_DIR: work / "train" / TENSORBOARD_DIR}
+                save_hybrid(model, self.tokenizer, folder, layers_info=info, overwrite=True, extra=extra)
+            state["completed"].append(TEACHER_DIR)
+            self._write(self.run_dir / "state.json", state)
+            if self.main:
+                shutil.rmtree(work, ignore_errors=True)
+            barrier(self.world)
+            kill_point(f"stage-done:{TEACHER_DIR}")
+        self.teacher, _ = load_hybrid(folder, device=self.world.device)
+        self.teacher.eval().requires_grad_(False)
+
+    def _run_stage(self, stage, target, current, state, base_tokens):
         work = self.work / stage.name
         selection_file = work / "selection.json"
         if selection_file.is_file():
@@ -151,7 +221,8 @@ class RecipeRun:
             self._write(selection_file, selection)
         barrier(self.world)
         kinds = selection["mixer_types"]
-        student = build_hybrid(current, kinds, mil_layout=self.recipe.mil_layout, seed=stage.train.seed)
+        student = build_hybrid(current, kinds, mil_layout=self.recipe.mil_layout, mixer_init=self.recipe.mixer_init,
+                               seed=stage.train.seed)
         student = student.to(self.world.device)
 
         init_metrics = None
@@ -160,13 +231,15 @@ class RecipeRun:
 
         trainer = Trainer(student, self.teacher, stage.train, stage.loss, out_dir=work / "train", world=self.world)
         trainer.resume()
-        make_batches = self._batches(stage.train)
-        result = trainer.train(self._kill_points(stage.name, make_batches()))
+        rows = source_rows(stage.data, "train") if stage.data is not None else None
+        result = trainer.train(self._kill_points(stage.name, self._batches(stage.train, rows)()))
         model = trainer.full_student()
-        tokens = state["tokens"] + result.tokens
+        tokens = base_tokens + result.tokens
         if self.main:
-            info = {"stage": stage.name, "kind": stage.kind, "teacher": self.recipe.teacher,
-                    "mil_layout": self.recipe.mil_layout, "tokens": tokens, **selection}
+            teacher = str(self.run_dir / TEACHER_DIR) if self.recipe.teacher_sft else self.recipe.teacher
+            info = {"stage": stage.name, "kind": stage.kind, "teacher": teacher, "start": stage.start,
+                    "mil_layout": self.recipe.mil_layout, "mixer_init": self.recipe.mixer_init, "tokens": tokens,
+                    **selection}
             extra = {METRICS_FILE: work / "train" / METRICS_FILE, TENSORBOARD_DIR: work / "train" / TENSORBOARD_DIR}
             save_hybrid(model, self.tokenizer, self.run_dir / stage.name, layers_info=info, overwrite=True, extra=extra)
             evaluation = {"tokens": tokens, "steps": result.steps, "final_loss": result.final_loss}
@@ -178,7 +251,7 @@ class RecipeRun:
                 if init_metrics is not None:
                     evaluation["teacher_forced_at_init"] = init_metrics
             self._write(self.run_dir / stage.name / "eval.json", evaluation)
-        state["tokens"] = tokens
+        state["tokens"][stage.name] = tokens
         barrier(self.world)
         return model if model is not None else student
 
@@ -244,7 +317,7 @@ class RecipeRun:
             return json.loads(path.read_text())
         probe = stage.train.model_copy(update={"steps": stage.probe_steps, "tokens": None, "save_every": 0,
                                                "warmup_steps": min(stage.train.warmup_steps, stage.probe_steps)})
-        make_batches = self._batches(probe)
+        make_batches = self._batches(probe, source_rows(stage.data, "train") if stage.data is not None else None)
         result = mmr_scores(current, self.teacher, make_batches, probe, stage.loss, self.recipe.mil_layout)
         if self.main:
             save_importance(result, path)

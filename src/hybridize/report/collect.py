@@ -4,6 +4,7 @@ The layout read (everything else in the run directory is ignored)::
 
     run_dir/
       teacher_eval.json   optional: `evaluate()` of the teacher itself (accuracy of the reference row)
+      teacher/            the fine-tuned teacher of a recipe with teacher_sft: not a checkpoint row
       <stage>/            every direct subfolder holding layers.json is one checkpoint
         layers.json       "mixer_types": one entry per layer ("attention", "mamba", "identity")
         config.json       the checkpoint's HybridConfig; used for the roofline estimate
@@ -23,6 +24,8 @@ import json
 from pathlib import Path
 
 from hybridize.errors import UserError
+
+TEACHER_DIR = "teacher"
 
 ESTIMATE_SCENARIO = {"input_len": 1, "output_len": 16384, "memory": 80e9}
 """The paper's throughput scenario (1 input token, 16k output tokens) on one 80 GB H100."""
@@ -82,7 +85,8 @@ def collect_run(run_dir) -> dict:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
-    folders = sorted(p for p in run_dir.iterdir() if (p / "layers.json").is_file())
+    # the fine-tuned teacher (recipe teacher_sft) is the reference row, not a checkpoint
+    folders = sorted(p for p in run_dir.iterdir() if (p / "layers.json").is_file() and p.name != TEACHER_DIR)
     if not folders:
         raise UserError(f"{run_dir} holds no checkpoint folders (subfolders with a layers.json)")
     checkpoints = sorted((read_checkpoint(p) for p in folders), key=lambda c: (c["mixers"], c["name"]))
