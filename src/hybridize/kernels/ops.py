@@ -29,12 +29,13 @@ import torch
 from hybridize.kernels.common import final_window
 from hybridize.modeling import mamba_ops as reference
 
-__all__ = ["backend", "causal_conv1d", "causal_conv1d_update", "selective_scan", "selective_state_update"]
+__all__ = ["backend", "causal_conv1d", "causal_conv1d_update", "kernel_mode", "selective_scan", "selective_state_update"]
 
 _FAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _mode():
+def kernel_mode():
+    """`HYBRIDIZE_KERNELS`, validated. The distillation loss's fused kernel (`triton_kl`) obeys it too."""
     mode = os.environ.get("HYBRIDIZE_KERNELS", "auto").strip().lower()
     if mode not in ("auto", "triton", "reference"):
         raise ValueError(f"HYBRIDIZE_KERNELS must be auto, triton or reference, not {mode!r}")
@@ -147,7 +148,7 @@ def backend(op, *args, **kwargs):
 
 
 def _scan_backend(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=None, reset=None):
-    mode = _mode()
+    mode = kernel_mode()
     tensors = (x, dt, A, B, C, D, z, dt_bias, initial_state)
     if mode == "reference" or not _all_cuda(*tensors, reset):
         return "reference"
@@ -169,7 +170,7 @@ def _scan_backend(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_state=No
 
 
 def _state_update_backend(state, x, dt, A, B, C, D=None, z=None, dt_bias=None):
-    mode = _mode()
+    mode = kernel_mode()
     tensors = (state, x, dt, A, B, C, D, z, dt_bias)
     if mode == "reference" or not _all_cuda(*tensors):
         return "reference"
@@ -189,7 +190,7 @@ def _state_update_backend(state, x, dt, A, B, C, D=None, z=None, dt_bias=None):
 
 
 def _conv_backend(x, weight, bias=None, initial_state=None, reset=None):
-    mode = _mode()
+    mode = kernel_mode()
     if mode == "reference" or not _all_cuda(x, weight, bias, initial_state, reset):
         return "reference"
     k = weight.shape[1]
@@ -209,7 +210,7 @@ def _conv_backend(x, weight, bias=None, initial_state=None, reset=None):
 
 
 def _conv_update_backend(conv_state, x, weight, bias=None):
-    mode = _mode()
+    mode = kernel_mode()
     if mode == "reference" or not _all_cuda(conv_state, x, weight, bias):
         return "reference"
     k = weight.shape[1]
