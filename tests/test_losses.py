@@ -1,14 +1,24 @@
 """Chunked distillation losses against a direct, unchunked reference: values and gradients."""
 
+import importlib.util
+import os
+import subprocess
+import sys
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from hybridize.distill import losses
 from hybridize.distill.losses import (
+    IGNORE_INDEX,
     LossSpec,
+    _grad_logits,
+    _log_probs,
+    _values,
     distillation_loss,
     kl_per_token,
     token_losses_from_logits,
@@ -295,3 +305,118 @@ def test_no_grad_call_returns_loss_without_graph():
         loss, stats = distillation_loss(sh, sw, th, tw, mask, LossSpec(weights="forward_kl", chunk_size=6))
     assert not loss.requires_grad
     assert torch.allclose(loss, stats["forward_kl"]["sum"] / stats["forward_kl"]["tokens"])
+
+
+# ---------------------------------------------------------------------------------------
+# The fused Triton kernel (hybridize.kernels.triton_kl): routing here, numerics in Triton's CPU
+# interpreter (tests/gpu/test_kl_kernel.py runs it compiled, at training sizes)
+
+
+def test_fused_kernel_is_chosen_only_on_cuda_for_mixes_without_jsd(monkeypatch):
+    fake_kernel = SimpleNamespace(supports=lambda weights, dtype: "jsd" not in weights)
+    monkeypatch.setattr(losses, "_triton_kl", lambda: fake_kernel)
+    monkeypatch.delenv("HYBRIDIZE_KERNELS", raising=False)
+    cuda, cpu, bf16 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16
+    kl_ce = LossSpec(weights={"reverse_kl": 1.0, "ce": 0.1})
+
+    assert losses._fused_kernel(kl_ce, cuda, bf16) is fake_kernel
+    assert losses._fused_kernel(kl_ce, cpu, bf16) is None
+    assert losses._fused_kernel(LossSpec(weights={"jsd": 1.0, "ce": 0.1}), cuda, bf16) is None
+    monkeypatch.setenv("HYBRIDIZE_KERNELS", "triton")
+    assert losses._fused_kernel(kl_ce, cuda, bf16) is fake_kernel
+    monkeypatch.setenv("HYBRIDIZE_KERNELS", "reference")
+    assert losses._fused_kernel(kl_ce, cuda, bf16) is None
+    monkeypatch.delenv("HYBRIDIZE_KERNELS")
+    monkeypatch.setattr(losses, "_triton_kl", lambda: None)  # Triton missing or broken
+    assert losses._fused_kernel(kl_ce, cuda, bf16) is None
+
+
+def test_the_loss_imports_and_runs_on_cpu_without_importing_triton():
+    code = (
+        "import sys, torch\n"
+        "from hybridize.distill.losses import LossSpec, distillation_loss\n"
+        "h = torch.randn(1, 4, 8, requires_grad=True); w = torch.randn(11, 8, requires_grad=True)\n"
+        "loss, _ = distillation_loss(h, w, h.detach(), w.detach(), torch.ones(1, 4), LossSpec(weights='forward_kl'))\n"
+        "loss.backward()\n"
+        "print('triton' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def check_fused_kernel_against_torch_formulas():
+    """Values and fp32 gradients of triton_kl.values_and_grad against `_log_probs`/`_values`/`_grad_logits`
+    computed from the same (possibly bf16-rounded) logits. Blocks narrower than the vocabulary make the
+    online logsumexp rescale, and the last block partial; rows range from near-uniform to softmaxes that
+    underflow, with large common offsets, a teacher equal to the student, and an ignored label."""
+    from hybridize.kernels import triton_kl
+
+    g = torch.Generator().manual_seed(0)
+    row_scale = torch.tensor([1.0, 5.0, 30.0, 0.1, 200.0, 3.0])[:, None]
+    row_offset = torch.tensor([0.0, 50.0, -300.0, 7.0, 0.0, -20.0])[:, None]
+    mixes = [
+        ({"reverse_kl": 1.0}, 1.0),
+        ({"forward_kl": 0.7, "ce": 0.3}, 2.0),
+        ({"ce": 1.0}, 2.0),  # CE alone is at T = 1 whatever the spec says
+        ({"ce": 0.5, "reverse_kl": 1.0, "forward_kl": 0.0}, 2.0),  # weight 0: a value, no gradient
+        ({"reverse_kl": 1.0, "ce": 1.0}, 1.0),
+    ]
+    for dtype in (torch.float32, torch.bfloat16):
+        for vocab, block_v in ((1000, 128), (77, 32), (77, None)):
+            s = (torch.randn(6, vocab, generator=g) * row_scale + row_offset).to(dtype)
+            t = (torch.randn(6, vocab, generator=g) * 3).to(dtype)
+            t[3] = s[3]
+            labels = torch.randint(0, vocab, (6,), generator=g)
+            labels[1] = IGNORE_INDEX
+            for weights, T in mixes:
+                spec = LossSpec(weights=weights, temperature=T)
+                lq, lp, ls = _log_probs(s.float(), t.float(), spec)
+                ref_values = _values(spec, lq, lp, ls, labels)
+                ref_grad = _grad_logits(spec, lq, lp, ls, labels, ref_values) * 0.25
+                values, grad = triton_kl.values_and_grad(
+                    s, t, labels, weights, T, scale=torch.tensor(0.25), grad_dtype=torch.float32, block_v=block_v
+                )
+                case = f"{dtype} V={vocab} block={block_v} {weights} T={T}"
+                assert values.shape == (6, len(weights)) and grad.shape == s.shape, case
+                assert rel_err(values, torch.stack([ref_values[n] for n in weights], 1)) <= 1e-5, case
+                assert rel_err(grad, ref_grad) <= 1e-4, case
+                if "reverse_kl" in weights:
+                    assert abs(values[3, list(weights).index("reverse_kl")]) <= 1e-5, case  # teacher == student
+
+    values_only, no_grad = triton_kl.values_and_grad(s, t, labels, {"forward_kl": 1.0}, grad=False)
+    assert no_grad is None and values_only.shape == (6, 1)
+    _, low_precision = triton_kl.values_and_grad(s, t, labels, {"reverse_kl": 1.0})
+    assert low_precision.dtype == torch.bfloat16
+
+
+def rel_err(got, want):
+    got, want = got.double(), want.double()
+    assert torch.isfinite(got).all(), "non-finite values"
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+INTERPRETER_CHECK = """
+import sys
+import triton.runtime.interpreter as interpreter
+original = interpreter._patch_lang_tensor
+def patched(tensor, scope):  # NumPy >= 2.4 refuses int() of the interpreter's 1-element scalars
+    original(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+interpreter._patch_lang_tensor = patched
+sys.path.insert(0, {tests!r})
+import test_losses
+test_losses.check_fused_kernel_against_torch_formulas()
+print("ok")
+"""
+
+
+def test_fused_kernel_matches_torch_formulas_in_the_triton_interpreter():
+    """check_fused_kernel_against_torch_formulas, run by Triton's CPU interpreter in a fresh process (it
+    must be on before Triton loads). Skipped where Triton is not installed."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    code = INTERPRETER_CHECK.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

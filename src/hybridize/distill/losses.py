@@ -17,14 +17,21 @@ Everything is computed from log-probabilities, so a probability that underflows 
 Alignment: hidden states and labels arrive already aligned with their targets, i.e. the
 caller has shifted them: row i of the hidden states produces the logits scored against
 labels[i] (in a causal LM, hidden state i predicts token i + 1). Nothing here shifts.
+
+On CUDA, mixes without jsd run each chunk's softmax algebra in one fused Triton kernel
+(`hybridize.kernels.triton_kl`, same formulas) instead of the torch ones below;
+HYBRIDIZE_KERNELS=reference keeps the torch formulas everywhere.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from hybridize.kernels.ops import kernel_mode
 
 IGNORE_INDEX = -100
 LOSS_NAMES = ("reverse_kl", "forward_kl", "jsd", "ce")
@@ -36,7 +43,8 @@ class LossSpec(BaseModel):
 
     ``weights`` also accepts a bare name (weight 1). A weight of 0 keeps a component in
     the logged stats without letting it train. ``chunk_size`` counts masked tokens per chunk:
-    peak memory inside the loss is about seven fp32 [chunk_size, vocab] buffers.
+    peak memory inside the loss is about seven fp32 [chunk_size, vocab] buffers with the torch
+    formulas, and the two logits plus their gradient, in the matmul dtype, with the fused kernel.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -191,11 +199,47 @@ def _check_inputs(spec: LossSpec, has_teacher: bool, labels) -> None:
 
 
 def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """lm_head in the operands' dtype (fp32 accumulation in the matmul), fp32 result."""
+    """lm_head in the operands' dtype (fp32 accumulation in the matmul), result in that dtype."""
     logits = h @ w.T
     if b is not None:
         logits = logits + b
-    return logits.float()
+    return logits
+
+
+@functools.cache
+def _triton_kl():
+    """The fused kernel's module, or None without a working Triton; imported on first CUDA use."""
+    try:
+        from hybridize.kernels import triton_kl
+    except Exception:  # ImportError without Triton; anything a broken install raises
+        return None
+    return triton_kl
+
+
+def _fused_kernel(spec: LossSpec, device: torch.device, dtype: torch.dtype):
+    """`triton_kl` where it runs this loss (CUDA, a mix without jsd, Triton present, HYBRIDIZE_KERNELS
+    not "reference"), else None: the torch formulas."""
+    if kernel_mode() == "reference" or device.type != "cuda":
+        return None
+    kernel = _triton_kl()
+    return kernel if kernel is not None and kernel.supports(spec.weights, dtype) else None
+
+
+# addmm's out_dtype overload (low-precision operands, fp32 output, CUDA only) came with torch 2.8;
+# accumulating in place into an fp32 `self` was checked on 2.11, so older releases keep the fallback.
+_ADDMM_INTO_FP32 = torch.__version__ >= (2, 11)
+
+
+def _accumulate_grad_weight(grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_w (fp32) += g.T @ h, with g and h in the matmul dtype."""
+    if g.dtype == torch.float32:
+        grad_w.addmm_(g.T, h)
+    elif g.is_cuda and _ADDMM_INTO_FP32:
+        # cuBLAS writes the bf16/fp16 product straight into the fp32 accumulator: no [V, D] temporary
+        # and no rounding of the product to the low precision before the add.
+        torch.addmm(grad_w, g.T, h, out_dtype=torch.float32, out=grad_w)
+    else:
+        grad_w += g.T @ h  # low-precision product, fp32 accumulation
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -216,6 +260,7 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_h = torch.empty_like(s_h) if need[0] else None
         grad_w = torch.zeros(s_w.shape, dtype=torch.float32, device=s_w.device) if need[1] else None
         grad_b = torch.zeros(s_w.shape[0], dtype=torch.float32, device=s_w.device) if need[2] else None
+        fused = _fused_kernel(spec, s_h.device, dtype)
 
         with torch.autocast(s_h.device.type, enabled=False):
             for i in range(0, s_h.shape[0], spec.chunk_size):
@@ -223,23 +268,28 @@ class _ChunkedLoss(torch.autograd.Function):
                 h = s_h[rows]
                 t = _project(t_h[rows], tw, tb) if spec.needs_teacher else None
                 y = labels[rows] if labels is not None else None
-                lq, lp, ls = _log_probs(_project(h, w, b), t, spec)
-                del t
-                values = _values(spec, lq, lp, ls, y)
-                sums += torch.stack([values[n].sum() for n in names])
-                g = _grad_logits(spec, lq, lp, ls, y, values).mul_(scale) if any(need) else None
-                del lq, lp, ls
+                if fused is not None:  # reads the logits as the matmul wrote them
+                    values, g = fused.values_and_grad(
+                        _project(h, w, b), t, y, spec.weights, spec.temperature, scale, grad=any(need)
+                    )
+                    del t
+                    sums += values.sum(0)
+                else:
+                    t = t.float() if t is not None else None
+                    lq, lp, ls = _log_probs(_project(h, w, b).float(), t, spec)
+                    del t
+                    values = _values(spec, lq, lp, ls, y)
+                    sums += torch.stack([values[n].sum() for n in names])
+                    g = _grad_logits(spec, lq, lp, ls, y, values).mul_(scale) if any(need) else None
+                    del lq, lp, ls
                 if g is not None:
                     if grad_b is not None:
-                        grad_b += g.sum(0)
+                        grad_b += g.sum(0, dtype=torch.float32)
                     g = g.to(dtype)
                     if grad_h is not None:
                         grad_h[rows] = g @ w
                     if grad_w is not None:
-                        if dtype == torch.float32:
-                            grad_w.addmm_(g.T, h)
-                        else:
-                            grad_w += g.T @ h  # low-precision product, fp32 accumulation
+                        _accumulate_grad_weight(grad_w, g, h)
                     del g
 
         weights = torch.tensor([spec.weights[n] for n in names], device=sums.device)
