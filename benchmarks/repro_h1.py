@@ -1,0 +1,263 @@
+"""Small-scale reproduction of Apriel-H1 on one GPU: the frontier, decode throughput, the ablations.
+
+    PYTHONPATH=src python benchmarks/repro_h1.py --out runs/repro [--deadline 540] [--seeds 0 1] [--copy-to DIR]
+
+Every part is a resumable `hybridize run` in its own folder under --out, so the driver can be
+started again (e.g. in calls of at most 10 minutes) and goes on where it stopped; with --deadline it
+starts no new part after that many seconds, and a part cut off mid-stage resumes from its last saved
+step. The order:
+
+1. frontier/   recipes/repro-h1-small.yaml: SFT of SmolLM2-135M-Instruct into a reasoning teacher,
+               then LOO -> 15 of 30 -> MMR -> 18 -> 21 -> 24 mixers (reverse KL), SFT of 18 and 24.
+2. bench.json  in every frontier checkpoint: decode throughput against the teacher in the same
+               engine and call (bench(), steady state at SCENARIO), with the roofline ratio beside it.
+3. ablations/  at 18 of 30 mixers, from the frontier's teacher, per seed:
+               - staged (the frontier's 15-mixer checkpoint -> 18 by MMR, the frontier's h18 budget)
+                 vs one-shot (0 -> 18 by LOO with the h15 + h18 budget);
+               - from the one-shot baseline, one change each at the same budget: forward KL, random
+                 placement, most-important-first placement (LOO reversed), MIL layout `aligned`, fresh
+                 random mixers.
+               A seed changes the stage's data order, the MMR probes' and random choices, and the
+               fresh mixers' init; the teacher and (for staged) the 15-mixer start are shared.
+4. summary.md / summary.json: frontier table, ablation table (mean and spread over seeds).
+
+Not yet automated: the "generic text" data ablation (the teacher's free-form generations on
+non-reasoning prompts), which needs a generic prompt set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from hybridize.report import build_report
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "repro-h1-small.yaml"
+SCENARIO = {"input_len": 1, "output_len": 16384, "mode": "steady"}  # the paper's decode scenario
+ABLATIONS = {  # name: change to the one-shot stage (or the recipe), all at the h18 stage's mixer count
+    "one-shot": {},
+    "forward-kl": {"loss": "forward_kl"},
+    "random-placement": {"select": "random"},
+    "important-first": {"select": "reverse"},
+    "mil-aligned": {"recipe": {"mil_layout": "aligned"}},
+    "random-init": {"recipe": {"mixer_init": "random"}},
+}
+
+
+class Deadline:
+    def __init__(self, seconds):
+        self.end = time.monotonic() + seconds if seconds else None
+
+    def passed(self) -> bool:
+        return self.end is not None and time.monotonic() > self.end
+
+
+def log(message):
+    print(f"[repro {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run_recipe(recipe: dict, out: Path):
+    """`hybridize run` of a recipe given as a dict, in `out` (resumes a partial run)."""
+    from hybridize.distill.runner import run
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    started = time.monotonic()
+    run(path, out)
+    return time.monotonic() - started
+
+
+def bench_checkpoint(checkpoint: Path, teacher: Path):
+    """bench.json for one checkpoint: its decode throughput over the teacher's, same engine and call."""
+    from hybridize.bench.runner import bench
+    from hybridize.convert.checkpoint import write_json_atomic
+
+    target = checkpoint / "bench.json"
+    if target.is_file():
+        return json.loads(target.read_text())
+    result = bench(str(checkpoint), teacher=str(teacher), include_stock=False, echo=False, **SCENARIO)
+    rows = {row["model"]: row for row in result["rows"] if row.get("path") == "engine"}
+    hybrid = next(row for name, row in rows.items() if name != "teacher")
+    summary = {"throughput_ratio": hybrid.get("ratio_vs_teacher"), "roofline_ratio": hybrid.get("roofline_ratio"),
+               "tok_s": hybrid.get("tok_s"), "teacher_tok_s": rows["teacher"].get("tok_s"),
+               "batch": hybrid.get("batch"), "teacher_batch": rows["teacher"].get("batch"),
+               "scenario": SCENARIO, "device": result["device"], "date": result["date"], "rows": result["rows"]}
+    write_json_atomic(target, summary)
+    return summary
+
+
+def ablation_recipes(base: dict, frontier: Path, seed: int) -> dict[str, dict]:
+    """name -> recipe of each ablation run at `seed`."""
+    stages = {stage["name"]: stage for stage in base["stages"]}
+    h15, h18 = stages["h15"], stages["h18"]
+    common = {"teacher": str(frontier / "teacher"), "data": base["data"], "eval": base["eval"],
+              "mil_layout": base.get("mil_layout", "apriel"), "seed": seed}
+    recipes = {"staged": {**common, "student": str(frontier / "h15"), "stages": [dict(copy.deepcopy(h18))]}}
+    budget = "tokens" if "tokens" in h15["train"] else "steps"  # the two stages' budgets, in one run
+    one_shot_train = dict(h15["train"], **{budget: h15["train"][budget] + h18["train"][budget]})
+    for name, change in ABLATIONS.items():
+        change = copy.deepcopy(change)
+        stage = {"name": "h18", "count": h18["count"], "select": "loo", "loss": "reverse_kl", "train": dict(one_shot_train)}
+        stage.update({k: v for k, v in change.items() if k != "recipe"})
+        recipes[name] = {**copy.deepcopy(common), **change.get("recipe", {}), "stages": [stage]}
+    return recipes
+
+
+def _accuracies(evaluation: dict) -> dict:
+    tasks = {task: stats["accuracy"] for task, stats in evaluation["tasks"].items()}
+    forced = evaluation.get("teacher_forced") or {}
+    return {**tasks, "mean": evaluation["task_mean_accuracy"], "kl": forced.get("kl_teacher_model")}
+
+
+def _spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def summarize(out: Path, seeds) -> dict:
+    frontier = out / "frontier"
+    teacher = json.loads((frontier / "teacher_eval.json").read_text()) if (frontier / "teacher_eval.json").is_file() else None
+    base = json.loads((frontier / "base_teacher_eval.json").read_text()) if (frontier / "base_teacher_eval.json").is_file() else None
+    summary = {"teacher": _accuracies(teacher) if teacher else None, "base_teacher": _accuracies(base) if base else None,
+               "frontier": {}, "ablations": {}}
+    for folder in sorted(frontier.iterdir()) if frontier.is_dir() else []:
+        if (folder / "eval.json").is_file() and folder.name != "teacher":
+            evaluation = json.loads((folder / "eval.json").read_text())
+            layers = json.loads((folder / "layers.json").read_text())
+            bench = json.loads((folder / "bench.json").read_text()) if (folder / "bench.json").is_file() else {}
+            summary["frontier"][folder.name] = {
+                **_accuracies(evaluation), "mixers": layers["mixer_types"].count("mamba"), "tokens": evaluation["tokens"],
+                "throughput_ratio": bench.get("throughput_ratio"), "roofline_ratio": bench.get("roofline_ratio")}
+    for name in ["staged", *ABLATIONS]:
+        per_seed = {}
+        for seed in seeds:
+            folder = out / "ablations" / f"{name}-s{seed}" / "h18"
+            if name == "staged" and seed == seeds[0] and not folder.is_dir():
+                folder = frontier / "h18"  # the frontier's h18 is the staged arm's first seed
+            if (folder / "eval.json").is_file():
+                evaluation = json.loads((folder / "eval.json").read_text())
+                per_seed[seed] = {**_accuracies(evaluation), "tokens": evaluation["tokens"]}
+        if per_seed:
+            keys = next(iter(per_seed.values())).keys()
+            summary["ablations"][name] = {"seeds": per_seed,
+                                          **{k: _spread([s[k] for s in per_seed.values()]) for k in keys}}
+    return summary
+
+
+def _pct(value):
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def render(summary: dict) -> str:
+    teacher = summary["teacher"] or {}
+    tasks = [k for k in teacher if k not in ("mean", "kl")]
+    lines = ["## Frontier", "", "| checkpoint | mixers | tokens | " + " | ".join(tasks)
+             + " | mean | retained | KL(teacher‖model) | decode throughput vs teacher | roofline ratio |",
+             "|---|---:|---:|" + "---:|" * (len(tasks) + 5)]
+    for label, row in (("base SmolLM2-135M-Instruct", summary["base_teacher"]), ("teacher (SFT)", teacher)):
+        if row:
+            lines.append(f"| {label} | 0 | - | " + " | ".join(_pct(row.get(t)) for t in tasks)
+                         + f" | {_pct(row['mean'])} | - | - | 1.00x | 1.00x |")
+    for name, row in sorted(summary["frontier"].items(), key=lambda item: (item[1]["mixers"], item[0])):
+        retained = row["mean"] / teacher["mean"] if teacher.get("mean") else None
+        ratio = "-" if row["throughput_ratio"] is None else f"{row['throughput_ratio']:.2f}x"
+        roof = "-" if row["roofline_ratio"] is None else f"{row['roofline_ratio']:.2f}x"
+        kl = "-" if row["kl"] is None else f"{row['kl']:.4f}"
+        lines.append(f"| {name} | {row['mixers']} | {row['tokens'] / 1e6:.1f}M | "
+                     + " | ".join(_pct(row.get(t)) for t in tasks)
+                     + f" | {_pct(row['mean'])} | {_pct(retained)} | {kl} | {ratio} | {roof} |")
+    lines += ["", "## Ablations at 18 of 30 mixers (mean over seeds, [min, max])", "",
+              "| variant | seeds | tokens | " + " | ".join(tasks) + " | mean | retained | KL(teacher‖model) |",
+              "|---|---|---:|" + "---:|" * (len(tasks) + 3)]
+    for name, row in summary["ablations"].items():
+        def cell(key, fmt=_pct):
+            s = row.get(key)
+            if s is None:
+                return "-"
+            return fmt(s["mean"]) + (f" [{fmt(s['min'])}, {fmt(s['max'])}]" if s["n"] > 1 else "")
+        retained = (row["mean"]["mean"] / teacher["mean"]) if teacher.get("mean") and row.get("mean") else None
+        lines.append(f"| {name} | {','.join(map(str, row['seeds']))} | {row['tokens']['mean'] / 1e6:.1f}M | "
+                     + " | ".join(cell(t) for t in tasks) + f" | {cell('mean')} | {_pct(retained)} | "
+                     + cell("kl", lambda v: f"{v:.4f}") + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--recipe", type=Path, default=RECIPE)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--ablations", nargs="*", default=["staged", *ABLATIONS], help="which ablations to run")
+    parser.add_argument("--deadline", type=float, default=0, help="start nothing new after this many seconds")
+    parser.add_argument("--copy-to", type=Path, help="also write summary.md/json and the frontier report here")
+    parser.add_argument("--summary-only", action="store_true", help="run nothing; summarise what --out holds")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="override the frontier recipe, e.g. teacher_sft.train.tokens=4000000")
+    args = parser.parse_args(argv)
+    deadline = Deadline(args.deadline)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    from hybridize.config import apply_override
+
+    base = yaml.safe_load(args.recipe.read_text())
+    for item in args.overrides:
+        apply_override(base, item)
+    frontier = out / "frontier"
+    if not args.summary_only:
+        run_all(args, base, frontier, deadline)
+    summary = summarize(out, args.seeds)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "summary.md").write_text(render(summary))
+    print(render(summary))
+    if args.copy_to:
+        if frontier.is_dir() and any(frontier.glob("*/eval.json")):
+            build_report(frontier)
+        args.copy_to.mkdir(parents=True, exist_ok=True)
+        for path in (out / "summary.md", out / "summary.json", frontier / "report.md", frontier / "pareto.png"):
+            if path.is_file():
+                shutil.copy(path, args.copy_to / path.name)
+    return 0
+
+
+def run_all(args, base, frontier, deadline):
+    log("frontier")
+    seconds = run_recipe(base, frontier)
+    log(f"frontier done in {seconds:.0f} s")
+
+    import torch
+
+    checkpoints = sorted(p for p in frontier.iterdir() if (p / "layers.json").is_file() and p.name != "teacher")
+    for folder in checkpoints if torch.cuda.is_available() else []:  # decode throughput is a GPU figure
+        if deadline.passed():
+            break
+        result = bench_checkpoint(folder, frontier / "teacher")
+        log(f"bench {folder.name}: {result['throughput_ratio']:.2f}x (roofline {result['roofline_ratio']:.2f}x)")
+    build_report(frontier)
+
+    for seed in args.seeds:
+        recipes = ablation_recipes(base, frontier, seed)
+        for name in args.ablations:
+            if name == "staged" and seed == args.seeds[0]:
+                continue  # the frontier's h18 is this arm's first seed
+            if deadline.passed():
+                log("deadline passed: stopping before the next ablation run")
+                break
+            log(f"ablation {name} seed {seed}")
+            seconds = run_recipe(recipes[name], frontier.parent / "ablations" / f"{name}-s{seed}")
+            log(f"ablation {name} seed {seed} done in {seconds:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
