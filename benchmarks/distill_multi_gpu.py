@@ -22,7 +22,6 @@ the steps after --warmup (steps that wrote a state excluded), and each rank's pe
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
