@@ -139,3 +139,14 @@ def test_result_is_saved_as_json_and_rendered_as_a_table(teacher, tokenizer, row
     console.print(format_table(result))
     text = console.export_text()
     assert "accuracy arithmetic (2)" in text and "KL(teacher||model)" in text and "greedy agreement" in text
+
+
+def test_a_model_left_in_train_mode_generates_as_in_eval_mode_and_keeps_its_mode(teacher, tokenizer, rows):
+    """A student straight from the trainer is in train mode, where the hybrid keeps no cache; evaluation
+    must not decode it token by token without context."""
+    hybrid = build_hybrid(teacher, ["mamba", "attention"])
+    expected = [p["completion"] for p in evaluate(hybrid.eval(), tokenizer, rows, max_new_tokens=12)["predictions"]]
+    hybrid.train()
+    got = evaluate(hybrid, tokenizer, rows, max_new_tokens=12)
+    assert [p["completion"] for p in got["predictions"]] == expected
+    assert hybrid.training

@@ -24,7 +24,7 @@ import torch
 from hybridize.data.io import BAD_JSON, DataError, normalize_row, raw_rows
 from hybridize.data.synthetic import write_jsonl
 from hybridize.evaluate.answers import extract_answer, is_correct
-from hybridize.evaluate.generate import render_prompts
+from hybridize.evaluate.generate import in_eval_mode, render_prompts
 
 DEFAULT_TASK = "custom"
 
@@ -87,6 +87,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
+@in_eval_mode
 def sample_completions(model, tokenizer, prompts, n_per_prompt=1, temperature=0.7, top_p=0.95,
                        max_new_tokens=512, batch_size=16, seed=0) -> list[list[str | None]]:
     """`n_per_prompt` completions per prompt (list of messages), None for each one cut off unfinished.

@@ -29,6 +29,7 @@ from hybridize.data.chat import tokenize_row
 from hybridize.distill.losses import kl_per_token
 from hybridize.errors import UserError
 from hybridize.evaluate.answers import extract_answer, is_correct
+from hybridize.evaluate.generate import in_eval_mode
 
 DEFAULT_TASK = "default"
 
@@ -174,6 +175,7 @@ def generate_completions(model, tokenizer, rows, budgets, batch_size=16) -> list
     return completions
 
 
+@in_eval_mode
 def generation_accuracy(model, tokenizer, rows, budgets, batch_size=16) -> dict:
     """`score_completions` of the model's greedy completions, with the seconds they took."""
     started = time.perf_counter()
@@ -188,6 +190,7 @@ def _vocab_size(model) -> int:
 
 
 @torch.inference_mode()
+@in_eval_mode
 def teacher_forced_metrics(model, teacher, tokenizer, rows, batch_size=8) -> dict:
     """Per-token means over the reference assistant tokens of every row that has one.
 
@@ -274,6 +277,7 @@ def check_inputs(model, tokenizer, rows, teacher=None, teacher_tokenizer=None) -
                         "KL needs a student distilled from this teacher")
 
 
+@in_eval_mode
 def evaluate(model, tokenizer, rows, teacher=None, max_new_tokens=256, batch_size=16, kl_batch_size=8,
              limit=None, teacher_tokenizer=None, teacher_accuracy=True) -> dict:
     """Accuracy of `model` on `rows`; with a teacher also teacher-forced KL/perplexity/agreement,

@@ -1,6 +1,28 @@
 """Batched greedy or sampled generation from chat prompts, left-padded, through stock `generate`."""
 
+import functools
+
 import torch
+
+
+def in_eval_mode(function):
+    """Run `function(model, ...)` with the model in eval mode, then restore its mode.
+
+    A model fresh from training is still in train mode, where the hybrid (like any model that
+    skips its cache while training) keeps no cache: generation would then feed each new token
+    without its context.
+    """
+
+    @functools.wraps(function)
+    def wrapped(model, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            return function(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+
+    return wrapped
 
 
 def render_prompts(tokenizer, prompts):
@@ -13,6 +35,7 @@ def render_prompts(tokenizer, prompts):
 
 
 @torch.no_grad()
+@in_eval_mode
 def generate_texts(model, tokenizer, prompts, max_new_tokens=64, batch_size=16, do_sample=False,
                    temperature=1.0, top_p=1.0, num_return_sequences=1):
     """Completions (decoded, special tokens dropped) for each prompt, in order."""

@@ -59,7 +59,9 @@ def leave_one_out(model: HybridForCausalLM, batches, scope="block", metric="kl",
     totals = {i: 0.0 for i in candidates}
     reference_total, tokens = 0.0, 0
     started = time.time()
+    device = model.model.embed_tokens.weight.device
     for batch in batches:
+        batch = {key: value.to(device) for key, value in batch.items()}
         ids, positions = batch["input_ids"], batch["position_ids"]
         mask = batch["loss_mask"].bool() & (batch["labels"] >= 0)
         hidden = model.model.embed_tokens(ids)
