@@ -246,7 +246,7 @@ def run_all(args, base, frontier, deadline):
         log(f"bench {folder.name}: {result['throughput_ratio']:.2f}x (roofline {result['roofline_ratio']:.2f}x)")
     build_report(frontier)
 
-    for seed in args.seeds:
+    for seed in args.seeds if args.ablations else []:
         recipes = ablation_recipes(base, frontier, seed)
         for name in args.ablations:
             if name == "staged" and seed == args.seeds[0]:
