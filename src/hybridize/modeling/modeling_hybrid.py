@@ -380,12 +380,14 @@ class HybridModel(HybridPreTrainedModel):
         past_key_values=None,
         inputs_embeds=None,
         use_cache=None,
+        cache=None,
         **kwargs,
     ):
+        # transformers >= 5.24 passes the cache as `cache`, earlier releases as `past_key_values`
+        cache = cache if cache is not None else past_key_values
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, l, _ = hidden.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        cache = past_key_values
         if cache is None and use_cache and not self.training:
             cache = HybridCache(self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
@@ -451,13 +453,14 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         labels=None,
         use_cache=None,
         logits_to_keep=0,
+        cache=None,
         **kwargs,
     ):
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
         )
