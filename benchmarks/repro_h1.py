@@ -16,13 +16,12 @@ step. The order:
                  vs one-shot (0 -> 18 by LOO with the h15 + h18 budget);
                - from the one-shot baseline, one change each at the same budget: forward KL, random
                  placement, most-important-first placement (LOO reversed), MIL layout `aligned`, fresh
-                 random mixers.
+                 random mixers, and generic text (the teacher's own completions of `data.generic`
+                 prompts, sampled once per run) instead of its reasoning traces.
                A seed changes the stage's data order, the MMR probes' and random choices, and the
                fresh mixers' init; the teacher and (for staged) the 15-mixer start are shared.
 4. summary.md / summary.json: frontier table, ablation table (mean and spread over seeds).
 
-Not yet automated: the "generic text" data ablation (the teacher's free-form generations on
-non-reasoning prompts), which needs a generic prompt set.
 """
 
 from __future__ import annotations
@@ -49,6 +48,10 @@ ABLATIONS = {  # name: change to the one-shot stage (or the recipe), all at the 
     "important-first": {"select": "reverse"},
     "mil-aligned": {"recipe": {"mil_layout": "aligned"}},
     "random-init": {"recipe": {"mixer_init": "random"}},
+    # the teacher's free-form text on non-reasoning prompts instead of its reasoning traces: 1,500
+    # generic prompts x 4 samples, about 1.5M tokens, so this arm sees its data ~4 times
+    "generic-data": {"data": {"generated": {"prompts": {"generic": {"n": 1500}}, "verify": False, "n_per_prompt": 4,
+                                            "temperature": 0.8, "max_new_tokens": 384, "batch_size": 512}}},
 }
 
 

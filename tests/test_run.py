@@ -177,6 +177,11 @@ def test_teacher_sft_branches_and_a_starting_student(teacher_dir, tmp_path):
         ({"stages": [{"name": "a", "count": 1, "start": "b", "train": {"steps": 1}}]}, "not an earlier stage"),
         ({"teacher_sft": {"loss": "reverse_kl", "train": {"steps": 1}}}, "can only be ce"),
         ({"stages": [{"name": "teacher", "count": 1, "train": {"steps": 1}}]}, "name the stage otherwise"),
+        ({"data": {"train": "x.jsonl", "eval": {"generic": {"n": 2}}}}, "data.eval needs reference answers"),
+        ({"teacher_sft": {"train": {"steps": 1}},
+          "data": {"train": {"generated": {"prompts": {"generic": {"n": 2}}, "verify": False}}}},
+         "teacher_sft needs its own data"),
+        ({"data": {"train": {"generic": {"n": 2}, "path": "x.jsonl"}}}, "exactly one of path, synthetic, generic"),
     ],
 )
 def test_bad_branches_and_teacher_sft_are_refused(teacher_dir, tmp_path, change, message):
@@ -238,3 +243,40 @@ def test_distill_command_trains_and_saves_a_checkpoint(teacher_dir, tmp_path):
     info = json.loads((tmp_path / "d" / "layers.json").read_text())
     assert info["steps"] == 3 and info["mixer_types"][1] == "mamba"
     assert len((tmp_path / "d" / "metrics.jsonl").read_text().splitlines()) >= 1
+
+
+def test_generated_data_is_sampled_once_per_run_and_cached(teacher_dir, tmp_path, monkeypatch):
+    from hybridize.data import traces
+    from hybridize.distill.runner import RecipeRun
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", teacher_dir, stages=[
+        {"name": "h1", "count": 1, "train": {"steps": 1},
+         "data": {"generated": {"prompts": {"generic": {"n": 3}}, "verify": False, "max_new_tokens": 16}}}]))
+    calls = []
+
+    def fake_free_text(model, tokenizer, prompts, **sampling):
+        calls.append((len(prompts), sampling))
+        rows = [{"messages": p["messages"] + [{"role": "assistant", "content": f"text {i}"}], "task": "generic",
+                 "id": p["id"], "sample": 0} for i, p in enumerate(prompts)]
+        return rows, {"prompts": 3, "samples": 3, "kept": 3, "unfinished": 0}
+
+    monkeypatch.setattr(traces, "generate_free_text", fake_free_text)
+    run = RecipeRun(recipe, tmp_path / "run")
+    run.teacher = run.tokenizer = None  # only the sampler would use them
+    source = recipe.stages[0].data
+    first = run.rows(source, "train")
+    assert [row["messages"][-1]["content"] for row in first] == ["text 0", "text 1", "text 2"]
+    assert calls == [(3, {"n_per_prompt": 1, "temperature": 0.7, "top_p": 0.95, "max_new_tokens": 16,
+                          "batch_size": 64, "seed": 0})]
+    assert run.rows(source, "train") == first and len(calls) == 1  # read back from run_dir/data
+    (stats,) = (tmp_path / "run" / "data").glob("*.stats.json")
+    assert json.loads(stats.read_text())["kept"] == 3
+
+
+def test_a_teacher_that_keeps_no_sample_stops_the_run_with_one_sentence(teacher_dir, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", teacher_dir, stages=[
+        {"name": "h1", "count": 1, "train": {"steps": 1},
+         "data": {"generated": {"prompts": {"synthetic": {"tasks": ["multi_digit"], "n": 2}}, "max_new_tokens": 2}}}])
+    result = hybridize("run", recipe, "--out", tmp_path / "run")
+    assert result.returncode == 2 and "kept none of its 2 samples" in result.stderr
+    assert not list((tmp_path / "run" / "data").glob("*.jsonl"))

@@ -6,6 +6,8 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hybridize.convert.surgery import build_hybrid
+from hybridize.data import traces
+from hybridize.data.generic import generic_prompts
 from hybridize.data.io import DataError
 from hybridize.data.synthetic import synthesize
 from hybridize.data.traces import (generate_traces, prompts_from_rows, read_prompts, sample_completions,
@@ -95,3 +97,34 @@ def test_writing_traces_refuses_to_leave_an_empty_file(clueless, tokenizer, tmp_
     out.write_text("")
     with pytest.raises(DataError, match="already exists"):
         write_traces(clueless, tokenizer, prompts, out, max_new_tokens=4)
+
+
+def test_free_text_keeps_every_finished_completion_without_needing_answers(monkeypatch):
+    prompts = generic_prompts(3, seed=0)
+    canned = [["A calm sea.", None], ["", "Bread rises because yeast makes gas."], [None, None]]
+    monkeypatch.setattr(traces, "sample_completions", lambda model, tokenizer, messages, *args: canned)
+    rows, stats = traces.generate_free_text(None, None, prompts, n_per_prompt=2)
+    assert [(row["id"], row["sample"], row["messages"][-1]["content"]) for row in rows] == [
+        (prompts[0]["id"], 0, "A calm sea."), (prompts[1]["id"], 1, "Bread rises because yeast makes gas.")]
+    assert rows[0]["messages"][:-1] == prompts[0]["messages"] and rows[0]["task"] == "generic"
+    assert stats == {"prompts": 3, "samples": 6, "kept": 2, "unfinished": 3}
+
+
+def test_free_text_from_a_real_model_counts_every_sample(clueless, tokenizer):
+    rows, stats = traces.generate_free_text(clueless, tokenizer, generic_prompts(2), n_per_prompt=2,
+                                            max_new_tokens=4, batch_size=4)
+    assert stats["samples"] == 4 and stats["kept"] == len(rows) and stats["kept"] + stats["unfinished"] <= 4
+
+
+def test_free_text_refuses_a_row_without_a_user_turn():
+    with pytest.raises(DataError, match="prompt row 2 has no usable user message"):
+        traces.generate_free_text(None, None, [generic_prompts(1)[0], {"messages": []}])
+
+
+def test_generic_prompts_are_distinct_deterministic_and_bounded():
+    first = generic_prompts(200, seed=1)
+    assert first == generic_prompts(200, seed=1) != generic_prompts(200, seed=2)
+    assert len({row["messages"][0]["content"] for row in first}) == 200
+    assert all(row["messages"][0]["role"] == "user" and len(row["messages"]) == 1 for row in first)
+    with pytest.raises(ValueError, match="n must lie in 1.."):
+        generic_prompts(10**6)

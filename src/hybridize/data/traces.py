@@ -181,6 +181,33 @@ def generate_traces(model, tokenizer, prompt_rows, n_per_prompt=1, temperature=0
     return select_verified(prompts, completions)
 
 
+def generate_free_text(model, tokenizer, prompt_rows, n_per_prompt=1, temperature=0.7, top_p=0.95,
+                       max_new_tokens=512, batch_size=16, seed=0) -> tuple[list[dict], dict]:
+    """The teacher's free-form completions of `prompt_rows`, which need no answer: every sample that
+    ended its turn becomes a row ``{"messages": prompt + assistant turn, "task", "id", "sample"}``.
+
+    The counterpart of generate_traces for text that cannot be verified (e.g. `data.generic`
+    prompts); stats count prompts, samples, kept and unfinished.
+    """
+    prompts = []
+    for index, row in enumerate(prompt_rows):
+        messages, reason = (normalize_row({"messages": row.get("messages")}) if isinstance(row, dict)
+                            else (None, "not a mapping"))
+        users = [i for i, m in enumerate(messages["messages"]) if m["role"] == "user"] if messages else []
+        if not users:
+            raise DataError(f"prompt row {index + 1} has no usable user message ({reason or 'no user turn'}).")
+        prompts.append({"messages": messages["messages"][: users[-1] + 1], "task": row.get("task") or DEFAULT_TASK,
+                        "id": str(row.get("id", index))})
+    completions = sample_completions(model, tokenizer, [p["messages"] for p in prompts], n_per_prompt,
+                                     temperature, top_p, max_new_tokens, batch_size, seed)
+    rows = [{"messages": prompt["messages"] + [{"role": "assistant", "content": text}], "task": prompt["task"],
+             "id": prompt["id"], "sample": index}
+            for prompt, samples in zip(prompts, completions) for index, text in enumerate(samples) if text]
+    samples = sum(len(samples) for samples in completions)
+    return rows, {"prompts": len(prompts), "samples": samples, "kept": len(rows),
+                  "unfinished": sum(text is None for samples in completions for text in samples)}
+
+
 def write_traces(model, tokenizer, prompts_path, out, overwrite=False, **sampling) -> dict:
     """Read prompts from `prompts_path`, generate traces, write them to `out` (JSONL); returns stats.
 
