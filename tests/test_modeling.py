@@ -115,3 +115,19 @@ def test_gradients_reach_every_mixer_parameter():
     mixer = hybrid.model.layers[1].mixer
     for name, param in mixer.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("kinds", [MIXED, ["mamba"] * 4], ids=["mixed", "all-mamba"])
+def test_stock_generate_equals_greedy_full_forwards(kinds):
+    """generate() feeds each step only its new token with the cache, whatever the layer kinds
+    (transformers >= 5.24 decides that from the cache's per-layer `is_linear`)."""
+    hybrid = build_hybrid(tiny_teacher(seed=5), kinds)
+    ids = torch.randint(1, 96, (2, 7))
+    generated = hybrid.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)
+    expected = ids
+    with torch.no_grad():
+        for _ in range(6):
+            step = hybrid(expected, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            expected = torch.cat([expected, step], 1)
+    assert torch.equal(generated, expected)

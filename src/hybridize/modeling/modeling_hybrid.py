@@ -290,6 +290,11 @@ class HybridCache:
     def get_seq_length(self, layer_idx=0):
         return self.seen_tokens
 
+    @property
+    def is_linear(self):
+        """Per layer, whether it holds a recurrent state (transformers >= 5.24's generate asks)."""
+        return [kind == "mamba" for kind in self.mixer_types]
+
     def get_max_cache_shape(self, layer_idx=0):
         return None
 
