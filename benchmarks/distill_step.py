@@ -16,15 +16,16 @@ reverse KL at T=1, one optimizer step per global batch, grad clipping at 1.0):
   (`distillation_loss`, the lm_head projections inside 512-token chunks), Triton scan/conv kernels,
   fused AdamW, activation checkpointing where the shape says so.
 - trainer+bf16head: the same, with the student's final-norm output cast to the autocast dtype (bf16)
-  before the loss (a forward hook, `cast_head_input` below). As shipped, the student's residual stream
-  and so its final hidden state are fp32 (fp32 embeddings), and `_ChunkedLoss` runs the student lm_head
-  projection, grad_hidden and grad_weight matmuls in that dtype with autocast off, i.e. as fp32 matmuls.
-  The hook makes them bf16 matmuls (fp32 accumulation), as autocast does for an nn.Linear lm_head.
+  before the loss (a forward hook, `cast_head_input` below). Since the trainer does this cast itself
+  (2026-11-27) the hook is a no-op, kept so the earlier commands still run.
 - trainer+bf16head+chunk2048: the same with LossSpec.chunk_size = 2048 (fewer [V, D] grad_weight
   accumulations per step).
-- trainer+bf16head+chunk2048+compile (not run by default): the same with torch.compile on the
-  pure-torch parts of every decoder layer (`compile_layers`: RMSNorms, MLPs, the student's attention;
-  the Mamba mixer stays eager), teacher and student.
+- trainer+bf16head+chunk2048+compile (not run by default): the same with TrainConfig.compile, i.e.
+  torch.compile on the pure-torch parts of every decoder layer (`hybridize.distill.compile`: RMSNorms,
+  MLPs, the student's attention; the Mamba mixer stays eager), teacher and student.
+- trainer+chunk2048+compile+ckptN (not run by default): the same, recomputing only the first N of
+  the student's layers in backward (TrainConfig.activation_checkpointing = N) where the shape
+  checkpoints: spare memory traded for recomputation time.
 - baseline (naive eager): stock transformers teacher forward returning full logits [B, S, V]; the
   hybrid student's own forward (HybridForCausalLM, full bf16 logits) with HYBRIDIZE_KERNELS=reference
   (torch reference scan/conv); loss = (exp(lq) * (lq - lp)).sum(-1) token mean with
@@ -100,12 +101,16 @@ SHAPES = {
         convert=2, seq=64, batch=4, checkpointing=True),
 }
 
-# name: (bf16 head input, loss chunk size, torch.compile the layers' pure-torch parts)
+# name: (bf16 head input, loss chunk size, TrainConfig.compile, layers recomputed in backward where
+# the shape checkpoints: None = all). The bf16 head hook is a no-op since the trainer casts itself.
 TRAINER_VARIANTS = {
-    "trainer": (False, 512, False),
-    "trainer+bf16head": (True, 512, False),
-    "trainer+bf16head+chunk2048": (True, 2048, False),
-    "trainer+bf16head+chunk2048+compile": (True, 2048, True),
+    "trainer": (False, 512, False, None),
+    "trainer+bf16head": (True, 512, False, None),
+    "trainer+bf16head+chunk2048": (True, 2048, False, None),
+    "trainer+bf16head+chunk2048+compile": (True, 2048, True, None),
+    "trainer+chunk2048+compile+ckpt8": (False, 2048, True, 8),
+    "trainer+chunk2048+compile+ckpt4": (False, 2048, True, 4),
+    "trainer+chunk2048+compile+ckpt0": (False, 2048, True, 0),
 }
 DEFAULT_VARIANTS = ["trainer", "trainer+bf16head", "trainer+bf16head+chunk2048", "baseline"]
 
@@ -125,33 +130,6 @@ def cast_head_input(student):
     """Cast the student's final hidden state to the autocast dtype, so the chunked loss's student-side
     matmuls run in bf16 instead of fp32. Returns the hook handle (`.remove()` undoes it)."""
     return student.model.norm.register_forward_hook(_head_input_in_autocast_dtype)
-
-
-def compile_layers(*models):
-    """torch.compile the pure-torch parts of every decoder layer (RMSNorms, MLPs, the student's
-    attention; the Mamba mixer, whose ops are Triton autograd Functions, stays eager). Returns a
-    function that undoes it."""
-    import torch._dynamo
-
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, 64)
-    compiled = []
-    for model in models:
-        for layer in model.model.layers:
-            parts = [getattr(layer, name, None) for name in ("input_layernorm", "post_attention_layernorm", "mlp")]
-            if getattr(layer, "mixer_type", None) == "attention":
-                parts.append(layer.mixer)
-            for part in parts:
-                if part is not None:
-                    part.compile(dynamic=False)
-                    compiled.append(part)
-
-    def undo():
-        for part in compiled:
-            part._compiled_call_impl = None
-
-    return undo
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,15 +370,15 @@ def print_breakdown(title, table, span):
 
 
 def run_trainer(name, teacher, shape, device, args, profile_to=None):
-    bf16_head, chunk, compiled = TRAINER_VARIANTS[name]
+    bf16_head, chunk, compiled, recomputed = TRAINER_VARIANTS[name]
     micro = shape["batch"]
     student = build_student(teacher, shape, device)
     if bf16_head:
         cast_head_input(student)
-    undo_compile = compile_layers(teacher, student) if compiled else None
     total = args.warmup + args.steps + (1 if profile_to else 0)
+    checkpointing = shape["checkpointing"] and (True if recomputed is None else recomputed)
     config = TrainConfig(steps=total, micro_batch_size=micro, seq_len=shape["seq"], lr=1e-5, bf16=True,
-                         activation_checkpointing=shape["checkpointing"], log_every=10**9, grad_clip=1.0)
+                         activation_checkpointing=checkpointing, compile=compiled, log_every=10**9, grad_clip=1.0)
     trainer = Trainer(student, teacher, config, LossSpec(weights={"reverse_kl": 1.0}, chunk_size=chunk))
     batches = make_batches(shape, micro, device)
     profiler = Profiler(device, profile_to) if profile_to else None
@@ -419,8 +397,9 @@ def run_trainer(name, teacher, shape, device, args, profile_to=None):
             clock.mark(total)
     seconds, median = clock.result()
     extra = {"final_loss": result.final_loss, "micro": micro, "accum": 1, "n_student": n_params(student)}
-    if undo_compile is not None:
-        undo_compile()  # the teacher is shared with later variants
+    if compiled:  # the teacher is shared with later variants: back to eager
+        for module in teacher.modules():
+            module._compiled_call_impl = None
     del trainer, student, result
     return seconds, median, extra
 

@@ -177,3 +177,36 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor():
 def test_a_token_budget_becomes_steps():
     config = TrainConfig(tokens=10_000, micro_batch_size=2, grad_accum=3, seq_len=100)
     assert config.total_steps(world_size=2) == 9  # ceil(10000 / 1200)
+
+
+def test_activation_checkpointing_can_recompute_only_the_first_layers():
+    trainer = make_trainer(steps=1, activation_checkpointing=2)
+    calls = {index: [] for index in (1, 3)}
+    for index in calls:
+        trainer.student.model.layers[index].register_forward_pre_hook(lambda *_, i=index: calls[i].append(1))
+    trainer.train(tiny_batches(1))
+    assert {index: len(c) for index, c in calls.items()} == {1: 2, 3: 1}  # layer 1 recomputed, layer 3 not
+
+
+def test_selective_checkpointing_gives_the_same_update():
+    runs = []
+    for checkpointing in (False, 1, True):
+        trainer = make_trainer(steps=2, activation_checkpointing=checkpointing)
+        trainer.train(tiny_batches(2))
+        runs.append(weights(trainer.student))
+    assert max_diff(runs[0], runs[1]) <= 1e-6 and max_diff(runs[0], runs[2]) <= 1e-6
+
+
+def test_compile_option_compiles_the_layers_pure_torch_parts(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: compiled.append(self))
+    trainer = make_trainer(steps=1, compile=True)
+    layers = trainer.student.model.layers
+    expected = {id(layer.mlp) for layer in layers} | {id(layers[0].mixer), id(layers[2].mixer)}  # attention
+    assert expected <= {id(part) for part in compiled}
+    assert id(layers[1].mixer) not in {id(part) for part in compiled}  # the Mamba mixer stays eager
+
+
+def test_a_negative_checkpointing_count_is_refused():
+    with pytest.raises(Exception, match="a number of layers >= 0"):
+        TrainConfig(steps=1, activation_checkpointing=-1)

@@ -69,10 +69,19 @@ class TrainConfig(_Strict):
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
     seed: int = 0
     bf16: Literal["auto", True, False] = "auto"
-    activation_checkpointing: bool = False
+    activation_checkpointing: Union[bool, int] = Field(
+        False, description="recompute decoder layers in backward: true for all, N for the first N only")
+    compile: bool = Field(False, description="torch.compile the layers' norms, MLPs and attention (CUDA)")
     freeze: Union[Literal["none", "non_mixers"], list[str]] = "none"
     log_every: int = Field(10, ge=1)
     save_every: int = Field(0, ge=0, description="steps between resumable states; 0: only at the end")
+
+    @field_validator("activation_checkpointing")
+    @classmethod
+    def _layer_count(cls, v):
+        if not isinstance(v, bool) and v < 0:
+            raise ValueError(f"activation_checkpointing takes true, false or a number of layers >= 0, got {v}")
+        return v
 
     @field_validator("betas")
     @classmethod

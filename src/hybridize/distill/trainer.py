@@ -34,6 +34,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from hybridize.distill import distributed
+from hybridize.distill.compile import compile_layers
 from hybridize.distill.distributed import World
 from hybridize.distill.losses import IGNORE_INDEX, LossSpec, distillation_loss
 from hybridize.errors import UserError
@@ -194,8 +195,12 @@ class Trainer:
         for name, param in student.named_parameters():
             param.requires_grad_(name in keep)
         student.train()
-        if train_config.activation_checkpointing:
+        checkpointing = train_config.activation_checkpointing
+        if checkpointing is not False:
             student.model.gradient_checkpointing = True
+            student.model.checkpoint_layers = None if checkpointing is True else checkpointing
+        if train_config.compile:
+            compile_layers(student, teacher)
 
         self.student = student
         self.objective = DistillationObjective(student, teacher, loss_spec)

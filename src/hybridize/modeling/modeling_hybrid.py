@@ -375,6 +375,7 @@ class HybridModel(HybridPreTrainedModel):
         self.norm = HybridRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = HybridRotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.checkpoint_layers = None  # with gradient_checkpointing: only the first N layers (None: all)
         self.post_init()
 
     def forward(
@@ -411,9 +412,10 @@ class HybridModel(HybridPreTrainedModel):
             reset = position_ids == 0
 
         rotary = self.rotary_emb(hidden, position_ids)
-        for layer in self.layers:
+        recompute = len(self.layers) if self.checkpoint_layers is None else self.checkpoint_layers
+        for index, layer in enumerate(self.layers):
             args = (hidden, rotary, mask, token_mask, reset, cache)
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training and index < recompute:
                 hidden = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
                 hidden = layer(*args)
