@@ -29,7 +29,7 @@ from hybridize.data.chat import tokenize_row
 from hybridize.distill.losses import kl_per_token
 from hybridize.errors import UserError
 from hybridize.evaluate.answers import extract_answer, is_correct
-from hybridize.evaluate.generate import in_eval_mode
+from hybridize.evaluate.generate import cache_keyword, in_eval_mode, output_cache
 
 DEFAULT_TASK = "default"
 
@@ -101,7 +101,8 @@ def greedy_batch(model, prompts, max_new_tokens, stop_ids, pad_id) -> list[list[
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache, last = out.past_key_values, positions[:, -1]
+    cache, last = output_cache(out), positions[:, -1]
+    keyword = cache_keyword(model)
     stops = torch.tensor(sorted(stop_ids), device=device)
     active = torch.arange(len(prompts), device=device)
     outputs = [[] for _ in prompts]
@@ -120,7 +121,7 @@ def greedy_batch(model, prompts, max_new_tokens, stop_ids, pad_id) -> list[list[
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         last = last + 1
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=last[:, None],
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **{keyword: cache})
     return outputs
 
 

@@ -1,8 +1,20 @@
 """Batched greedy or sampled generation from chat prompts, left-padded, through stock `generate`."""
 
 import functools
+import inspect
 
 import torch
+
+
+def cache_keyword(model) -> str:
+    """The keyword `model.forward` (and so `generate`) takes a cache by: `cache` from transformers
+    5.24 on, `past_key_values` before (hybrids accept both)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The cache a model output carries, under either name."""
+    return output["cache"] if "cache" in output else output.get("past_key_values")
 
 
 def in_eval_mode(function):

@@ -22,6 +22,9 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+# the outputs' cache field: `cache` from transformers 5.24 on, `past_key_values` before
+_CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 from .configuration_hybrid import HybridConfig
 
 try:  # fast kernels when hybridize is installed; the torch reference otherwise
@@ -422,7 +425,7 @@ class HybridModel(HybridPreTrainedModel):
         hidden = self.norm(hidden)
         if cache is not None:
             cache.seen_tokens += l
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=cache if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **{_CACHE_FIELD: cache if use_cache else None})
 
 
 class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
@@ -480,7 +483,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
 
 
 __all__ = ["HybridCache", "HybridForCausalLM", "HybridModel", "HybridPreTrainedModel"]
