@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from triton_interpreter import PATCH
 
 from hybridize.bench import runner, shapes
 from hybridize.bench.engine import DecodeEngine, attention_twin, greedy_agreement, greedy_gate, hybrid_sharing
@@ -228,14 +229,8 @@ def test_roofline_counts_only_weights_a_step_reads():
     assert runner.parameters_read(tied) == sum(p.numel() for p in tied.parameters())
 
 
-KERNEL_CHECK = """
+KERNEL_CHECK = PATCH + """
 import torch, torch.nn.functional as F
-import triton.runtime.interpreter as interpreter
-original = interpreter._patch_lang_tensor
-def patched(tensor, scope):  # NumPy >= 2.4 refuses int() of the interpreter's 1-element scalars
-    original(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-interpreter._patch_lang_tensor = patched
 from hybridize.bench.decode_attention import DecodeAttention, rope_append
 from hybridize.modeling.modeling_hybrid import apply_rotary
 torch.manual_seed(0)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from triton_interpreter import PATCH
 
 from hybridize.distill import losses
 from hybridize.distill.losses import (
@@ -396,14 +397,8 @@ def rel_err(got, want):
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
-INTERPRETER_CHECK = """
+INTERPRETER_CHECK = PATCH + """
 import sys
-import triton.runtime.interpreter as interpreter
-original = interpreter._patch_lang_tensor
-def patched(tensor, scope):  # NumPy >= 2.4 refuses int() of the interpreter's 1-element scalars
-    original(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-interpreter._patch_lang_tensor = patched
 sys.path.insert(0, {tests!r})
 import test_losses
 test_losses.check_fused_kernel_against_torch_formulas()
