@@ -131,3 +131,19 @@ def test_stock_generate_equals_greedy_full_forwards(kinds):
             step = hybrid(expected, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             expected = torch.cat([expected, step], 1)
     assert torch.equal(generated, expected)
+
+
+def test_decoding_writes_into_the_kv_cache_instead_of_copying_it_every_step():
+    hybrid = build_hybrid(tiny_teacher(), MIXED)
+    ids = torch.randint(1, 96, (2, 20))
+    full = logits(hybrid, ids, use_cache=False)
+    buffers, steps = set(), []
+    with torch.no_grad():
+        out = hybrid(ids[:, :4], use_cache=True)
+        cache = out.past_key_values
+        for t in range(4, 20):
+            out = hybrid(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+            buffers.add(cache.keys[0].data_ptr())
+    assert (torch.cat(steps, 1) - full[:, 4:]).abs().max() <= 1e-4
+    assert len(buffers) <= 3  # 4 tokens, then room for 8, 16, 32: grown by doubling, not per step

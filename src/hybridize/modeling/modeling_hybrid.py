@@ -277,11 +277,31 @@ class HybridCache:
         self.seen_tokens = 0
 
     def update_kv(self, key, value, layer_idx):
-        if self.keys[layer_idx] is not None:
-            key = torch.cat([self.keys[layer_idx], key], dim=-2)
-            value = torch.cat([self.values[layer_idx], value], dim=-2)
-        self.keys[layer_idx], self.values[layer_idx] = key, value
-        return key, value
+        """Append this step's K/V [B, H, L, D] to the layer's cache; returns all of it so far.
+
+        K/V live in buffers with room to grow (doubling along the sequence), so a decode step writes
+        its token in place instead of copying the whole cache, as a concatenation would at every
+        step. While autograd records, it concatenates: an in-place write would break the graph.
+        """
+        past, cached_k, cached_v = self.seen_tokens, self.keys[layer_idx], self.values[layer_idx]
+        total = past + key.shape[-2]
+        if torch.is_grad_enabled() and (key.requires_grad or value.requires_grad):
+            if cached_k is not None:
+                key = torch.cat([cached_k[..., :past, :], key], dim=-2)
+                value = torch.cat([cached_v[..., :past, :], value], dim=-2)
+            self.keys[layer_idx], self.values[layer_idx] = key, value
+            return key, value
+        if cached_k is None or cached_k.shape[-2] < total:
+            capacity = max(total, 2 * past)
+            grown_k = key.new_empty(*key.shape[:-2], capacity, key.shape[-1])
+            grown_v = value.new_empty(*value.shape[:-2], capacity, value.shape[-1])
+            if cached_k is not None:
+                grown_k[..., :past, :] = cached_k[..., :past, :]
+                grown_v[..., :past, :] = cached_v[..., :past, :]
+            self.keys[layer_idx], self.values[layer_idx] = cached_k, cached_v = grown_k, grown_v
+        cached_k[..., past:total, :] = key
+        cached_v[..., past:total, :] = value
+        return cached_k[..., :total, :], cached_v[..., :total, :]
 
     def mamba_state(self, layer_idx):
         return self.conv_states[layer_idx], self.ssm_states[layer_idx]
