@@ -25,13 +25,12 @@ HYBRIDIZE_KERNELS=reference keeps the torch formulas everywhere.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from hybridize.kernels.ops import kernel_mode
+from hybridize.kernels.ops import kernel_mode, triton_module
 
 IGNORE_INDEX = -100
 LOSS_NAMES = ("reverse_kl", "forward_kl", "jsd", "ce")
@@ -206,14 +205,9 @@ def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.
     return logits
 
 
-@functools.cache
 def _triton_kl():
     """The fused kernel's module, or None without a working Triton; imported on first CUDA use."""
-    try:
-        from hybridize.kernels import triton_kl
-    except Exception:  # ImportError without Triton; anything a broken install raises
-        return None
-    return triton_kl
+    return triton_module("triton_kl")
 
 
 def _fused_kernel(spec: LossSpec, device: torch.device, dtype: torch.dtype):

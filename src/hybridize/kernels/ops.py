@@ -51,13 +51,18 @@ def _optional_import(module, name):
 
 
 @functools.cache
-def _triton():
-    """(triton_scan, triton_conv) when Triton is installed and imports, else None."""
+def triton_module(name):
+    """`hybridize.kernels.<name>` when Triton is installed and it imports, else None; imported on first use."""
     try:
-        from hybridize.kernels import triton_conv, triton_scan
+        return importlib.import_module(f"hybridize.kernels.{name}")
     except Exception:  # ImportError without Triton; anything a broken install raises
         return None
-    return triton_scan, triton_conv
+
+
+def _triton():
+    """(triton_scan, triton_conv) when Triton is installed and imports, else None."""
+    scan, conv = triton_module("triton_scan"), triton_module("triton_conv")
+    return (scan, conv) if scan is not None and conv is not None else None
 
 
 @functools.cache
