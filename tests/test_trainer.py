@@ -210,3 +210,13 @@ def test_compile_option_compiles_the_layers_pure_torch_parts(monkeypatch):
 def test_a_negative_checkpointing_count_is_refused():
     with pytest.raises(Exception, match="a number of layers >= 0"):
         TrainConfig(steps=1, activation_checkpointing=-1)
+
+
+def test_training_without_tensorboard_still_writes_metrics(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
+    trainer = make_trainer(tmp_path, steps=2)
+    trainer.train(tiny_batches(2))
+    assert [row["step"] for row in metric_rows(tmp_path)] == [1, 2]
+    assert not (tmp_path / "tensorboard").exists()

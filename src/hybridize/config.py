@@ -22,6 +22,10 @@ from hybridize.distill.losses import LossSpec
 from hybridize.errors import UserError
 
 
+TEACHER_DIR = "teacher"
+"""The run directory's folder of the fine-tuned teacher (recipe teacher_sft), which no stage may take."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -307,8 +311,8 @@ class RecipeConfig(_Strict):
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"stage names must be unique; repeated: {', '.join(repeated)}")
-        if "teacher" in names:
-            raise ValueError("'teacher' is the fine-tuned teacher's folder; name the stage otherwise")
+        if TEACHER_DIR in names:
+            raise ValueError(f"'{TEACHER_DIR}' is the fine-tuned teacher's folder; name the stage otherwise")
         for index, stage in enumerate(self.stages):
             if stage.start is not None and stage.start not in names[:index]:
                 raise ValueError(f"stage {stage.name!r} starts from {stage.start!r}, which is not an earlier stage")

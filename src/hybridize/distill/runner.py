@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from hybridize.config import RecipeConfig, TrainConfig, load_recipe, validate_against_model
+from hybridize.config import TEACHER_DIR, RecipeConfig, TrainConfig, load_recipe, validate_against_model
 from hybridize.convert.checkpoint import load_hybrid, save_hybrid, write_json_atomic
 from hybridize.convert.surgery import build_hybrid, select_layers
 from hybridize.convert.teacher import load_teacher
@@ -45,7 +45,6 @@ from hybridize.importance.loo import leave_one_out
 from hybridize.importance.mmr import mmr_scores
 
 IMPORTANCE_ROWS = 16  # held-out rows for LOO
-TEACHER_DIR = "teacher"  # the fine-tuned teacher of a recipe with teacher_sft
 
 
 def source_rows(source, split):

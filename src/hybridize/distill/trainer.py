@@ -195,8 +195,8 @@ class Trainer:
         for name, param in student.named_parameters():
             param.requires_grad_(name in keep)
         student.train()
-        checkpointing = train_config.activation_checkpointing
-        if checkpointing is not False:
+        checkpointing = train_config.activation_checkpointing  # True: every layer; N > 0: the first N
+        if checkpointing:
             student.model.gradient_checkpointing = True
             student.model.checkpoint_layers = None if checkpointing is True else checkpointing
         if train_config.compile:

@@ -23,9 +23,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hybridize.config import TEACHER_DIR
 from hybridize.errors import UserError
-
-TEACHER_DIR = "teacher"
 
 ESTIMATE_SCENARIO = {"input_len": 1, "output_len": 16384, "memory": 80e9}
 """The paper's throughput scenario (1 input token, 16k output tokens) on one 80 GB H100."""
