@@ -339,7 +339,7 @@ def _measure_stock(model, batch, input_len, output_len, mode, stock_steps, seed)
                 context = mean_context(input_len, output_len)
                 cache = _stock_cache(model, batch, context, device_generator)
                 ids = torch.randint(3, model.config.vocab_size, (batch, context + 1), generator=generator).to(device)
-                model.generate(ids, attention_mask=torch.ones_like(ids), **{cache_keyword(model): cache},
+                model.generate(ids, attention_mask=torch.ones_like(ids), **{cache_keyword(): cache},
                                max_new_tokens=stock_steps + 1, **options)
                 del cache
                 if any(n != 1 for n in fed):  # generate re-ran the context instead of one token a step

@@ -102,7 +102,7 @@ def greedy_batch(model, prompts, max_new_tokens, stop_ids, pad_id) -> list[list[
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache, last = output_cache(out), positions[:, -1]
-    keyword = cache_keyword(model)
+    keyword = cache_keyword()
     stops = torch.tensor(sorted(stop_ids), device=device)
     active = torch.arange(len(prompts), device=device)
     outputs = [[] for _ in prompts]

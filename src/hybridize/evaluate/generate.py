@@ -6,10 +6,14 @@ import inspect
 import torch
 
 
-def cache_keyword(model) -> str:
-    """The keyword `model.forward` (and so `generate`) takes a cache by: `cache` from transformers
-    5.24 on, `past_key_values` before (hybrids accept both)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+@functools.cache
+def cache_keyword() -> str:
+    """The keyword the installed transformers passes a cache to `forward` by, in `generate` too:
+    `cache` from 5.24 on, `past_key_values` before. Read off a stock model class, since a hybrid's
+    forward accepts both names and so says nothing about what `generate` will pass."""
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def output_cache(output):
