@@ -1,11 +1,14 @@
-"""Small-scale reproduction of Apriel-H1 on one GPU: the frontier, decode throughput, the ablations.
+"""Small-scale reproduction of Apriel-H1: the frontier, decode throughput, the ablations, on 1+ GPUs.
 
-    PYTHONPATH=src python benchmarks/repro_h1.py --out runs/repro [--deadline 540] [--seeds 0 1] [--copy-to DIR]
+    PYTHONPATH=src python benchmarks/repro_h1.py --out runs/repro [--jobs N] [--deadline 540] [--seeds 0 1] [--copy-to DIR]
 
-Every part is a resumable `hybridize run` in its own folder under --out, so the driver can be
-started again (e.g. in calls of at most 10 minutes) and goes on where it stopped; with --deadline it
-starts no new part after that many seconds, and a part cut off mid-stage resumes from its last saved
-step. The order:
+The reproduction is a set of parts, each a resumable `hybridize run` (or a bench) in its own folder
+under --out. A scheduler runs up to --jobs parts at once, each in its own process on its own GPU
+(default: every visible GPU), starting each part as soon as what it waits for is done: the ablations
+wait for the frontier's teacher, the staged arm for its 15-mixer checkpoint, a bench for its
+checkpoint. Each part's output goes to logs/<part>.log. With --deadline the running parts are stopped
+after that many seconds; started again, the driver skips what is done and every part resumes from its
+last saved step, so it can run in calls of at most 10 minutes. The parts:
 
 1. frontier/   recipes/repro-h1-small.yaml: SFT of SmolLM2-135M-Instruct into a reasoning teacher,
                then LOO -> 15 of 30 -> MMR -> 18 -> 21 -> 24 mixers (reverse KL), SFT of 18 and 24.
@@ -20,7 +23,8 @@ step. The order:
                  prompts, sampled once per run) instead of its reasoning traces.
                A seed changes the stage's data order, the MMR probes' and random choices, and the
                fresh mixers' init; the teacher and (for staged) the 15-mixer start are shared.
-4. summary.md / summary.json: frontier table, ablation table (mean and spread over seeds).
+4. summary.md / summary.json: frontier table, ablation table (mean and spread over seeds);
+   pareto-paper.png: accuracy retained vs decode throughput, ours beside the paper's checkpoints.
 
 """
 
@@ -29,15 +33,20 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from hybridize.report import build_report
+from hybridize.report.pareto import plot_pareto
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "repro-h1-small.yaml"
 SCENARIO = {"input_len": 1, "output_len": 16384, "mode": "steady"}  # the paper's decode scenario
@@ -53,6 +62,25 @@ ABLATIONS = {  # name: change to the one-shot stage (or the recipe), all at the 
     "generic-data": {"data": {"generated": {"prompts": {"generic": {"n": 1500}}, "verify": False, "n_per_prompt": 4,
                                             "temperature": 0.8, "max_new_tokens": 384, "batch_size": 512}}},
 }
+
+
+@dataclass
+class Part:
+    """One resumable unit of the reproduction: a `hybridize run`, or the bench of one checkpoint."""
+
+    name: str
+    ready: Callable[[], bool]  # what it waits for is done
+    done: Callable[[], bool]
+
+    @property
+    def log_name(self) -> str:
+        return self.name.replace("/", "-")
+
+
+# Apriel-H1 (notes/apriel-h1.md): (Mamba layers of 50, decode throughput vs teacher, average eval); teacher 0.80
+PAPER_POINTS = [("H-25", 1.8, 0.75), ("H-27", 1.9, 0.76), ("H-30", 2.1, 0.74), ("H-30-SFT", 2.1, 0.78),
+                ("H-34", 2.5, 0.71), ("H-37", 2.9, 0.69), ("H-40", 3.4, 0.69)]
+PAPER_TEACHER = 0.80
 
 
 class Deadline:
@@ -102,7 +130,8 @@ def ablation_recipes(base: dict, frontier: Path, seed: int) -> dict[str, dict]:
     """name -> recipe of each ablation run at `seed`."""
     stages = {stage["name"]: stage for stage in base["stages"]}
     h15, h18 = stages["h15"], stages["h18"]
-    common = {"teacher": str(frontier / "teacher"), "data": base["data"], "eval": base["eval"],
+    teacher = str(frontier / "teacher") if base.get("teacher_sft") else base["teacher"]
+    common = {"teacher": teacher, "data": base["data"], "eval": {**base.get("eval", {}), "teacher": False},
               "mil_layout": base.get("mil_layout", "apriel"), "seed": seed}
     recipes = {"staged": {**common, "student": str(frontier / "h15"), "stages": [dict(copy.deepcopy(h18))]}}
     budget = "tokens" if "tokens" in h15["train"] else "steps"  # the two stages' budgets, in one run
@@ -196,19 +225,80 @@ def render(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parts(base: dict, out: Path, seeds, ablations, gpu: bool) -> list[Part]:
+    """Every part of the reproduction in priority order, each with what it waits for."""
+    frontier = out / "frontier"
+
+    def completed():
+        state = frontier / "state.json"
+        return json.loads(state.read_text())["completed"] if state.is_file() else []
+
+    def after(*stages):
+        return lambda: all(stage in completed() for stage in stages)
+
+    teacher_ready = after("teacher") if base.get("teacher_sft") else (lambda: True)
+    stage_names = [stage["name"] for stage in base["stages"]]
+    everything = [Part("frontier", lambda: True, after(*stage_names))]
+    if gpu:  # decode throughput is a GPU figure
+        everything += [Part(f"bench/{name}", after(name), (frontier / name / "bench.json").is_file)
+                       for name in stage_names]
+    for seed in seeds:
+        for name in ablations:
+            if name == "staged" and seed == seeds[0]:
+                continue  # the frontier's h18 is this arm's first seed
+            folder = out / "ablations" / f"{name}-s{seed}"
+            ready = after("h15") if name == "staged" else teacher_ready
+            everything.append(Part(f"ablation/{name}-s{seed}", ready, (folder / "h18" / "eval.json").is_file))
+    return everything
+
+
+def run_part(name: str, base: dict, out: Path, seeds):
+    """Run one part in this process (a worker of `schedule`)."""
+    frontier = out / "frontier"
+    kind, _, rest = name.partition("/")
+    if kind == "frontier":
+        run_recipe(base, frontier)
+    elif kind == "bench":
+        result = bench_checkpoint(frontier / rest, frontier / "teacher" if base.get("teacher_sft") else Path(base["teacher"]))
+        log(f"bench {rest}: {result['throughput_ratio']:.2f}x (roofline {result['roofline_ratio']:.2f}x)")
+    elif kind == "ablation":
+        arm, _, seed = rest.rpartition("-s")
+        run_recipe(ablation_recipes(base, frontier, int(seed))[arm], out / "ablations" / rest)
+    else:
+        raise SystemExit(f"unknown part {name!r}")
+
+
+def plot_against_paper(summary: dict, path: Path):
+    """Accuracy retained (model / its teacher) against decode throughput: our frontier and the paper's."""
+    teacher = (summary["teacher"] or {}).get("mean")
+    points = [(row["throughput_ratio"], row["mean"] / teacher, name, True) for name, row in summary["frontier"].items()
+              if teacher and row["throughput_ratio"] is not None]
+    if not points:
+        return None
+    references = [(ratio, accuracy / PAPER_TEACHER, name) for name, ratio, accuracy in PAPER_POINTS]
+    return plot_pareto(points, path, "SmolLM2-135M reasoning teacher (ours) vs Apriel-15B (paper)", 1.0,
+                       references=references, reference_label="Apriel-H1 paper (15B, 50 layers)",
+                       ylabel="accuracy retained, % of the teacher's")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--recipe", type=Path, default=RECIPE)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--ablations", nargs="*", default=["staged", *ABLATIONS], help="which ablations to run")
-    parser.add_argument("--deadline", type=float, default=0, help="start nothing new after this many seconds")
-    parser.add_argument("--copy-to", type=Path, help="also write summary.md/json and the frontier report here")
+    parser.add_argument("--ablations", nargs="*", default=["staged", *ABLATIONS], choices=["staged", *ABLATIONS],
+                        help="which ablations to run")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="parts run at once, each on its own GPU (default: one per visible GPU, 1 on CPU)")
+    parser.add_argument("--deadline", type=float, default=0,
+                        help="after this many seconds stop the running parts (they resume from their last saved "
+                             "step next time) and start nothing new")
+    parser.add_argument("--copy-to", type=Path, help="also write summary.md/json, the plots and the frontier report here")
     parser.add_argument("--summary-only", action="store_true", help="run nothing; summarise what --out holds")
+    parser.add_argument("--part", help=argparse.SUPPRESS)  # internal: run one part (a worker of the scheduler)
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="override the frontier recipe, e.g. teacher_sft.train.tokens=4000000")
     args = parser.parse_args(argv)
-    deadline = Deadline(args.deadline)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 
@@ -217,49 +307,88 @@ def main(argv=None):
     base = yaml.safe_load(args.recipe.read_text())
     for item in args.overrides:
         apply_override(base, item)
-    frontier = out / "frontier"
+    if args.part:
+        run_part(args.part, base, out, args.seeds)
+        return 0
+    failed = []
     if not args.summary_only:
-        run_all(args, base, frontier, deadline)
+        import torch
+
+        gpus = torch.cuda.device_count()
+        jobs = args.jobs or max(gpus, 1)
+        if gpus and jobs > gpus:
+            parser.error(f"--jobs {jobs} needs {jobs} GPUs and {gpus} are visible")
+        todo = parts(base, out, args.seeds, args.ablations, gpu=gpus > 0)
+        worker = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--recipe", str(args.recipe),
+                  "--seeds", *map(str, args.seeds), *(f"--set={item}" for item in args.overrides)]
+        failed = schedule(todo, worker, jobs, gpus > 0, Deadline(args.deadline), out / "logs")
+    frontier = out / "frontier"
+    if frontier.is_dir() and any(frontier.glob("*/eval.json")):
+        build_report(frontier)  # with the bench figures
     summary = summarize(out, args.seeds)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "summary.md").write_text(render(summary))
+    plot_against_paper(summary, out / "pareto-paper.png")
     print(render(summary))
     if args.copy_to:
-        if frontier.is_dir() and any(frontier.glob("*/eval.json")):
-            build_report(frontier)
         args.copy_to.mkdir(parents=True, exist_ok=True)
-        for path in (out / "summary.md", out / "summary.json", frontier / "report.md", frontier / "pareto.png"):
+        for path in (out / "summary.md", out / "summary.json", out / "pareto-paper.png", frontier / "report.md",
+                     frontier / "pareto.png"):
             if path.is_file():
                 shutil.copy(path, args.copy_to / path.name)
-    return 0
+    return 1 if failed else 0
 
 
-def run_all(args, base, frontier, deadline):
-    log("frontier")
-    seconds = run_recipe(base, frontier)
-    log(f"frontier done in {seconds:.0f} s")
-
-    import torch
-
-    checkpoints = sorted(p for p in frontier.iterdir() if (p / "layers.json").is_file() and p.name != "teacher")
-    for folder in checkpoints if torch.cuda.is_available() else []:  # decode throughput is a GPU figure
+def schedule(todo: list[Part], worker: list[str], jobs: int, gpu: bool, deadline: Deadline, logs: Path) -> list[str]:
+    """Run the parts not yet done, up to `jobs` at once (one GPU each), each as soon as what it waits for
+    is done; returns the names of the parts that failed. A part's output goes to logs/<part>.log."""
+    logs.mkdir(parents=True, exist_ok=True)
+    pending = [part for part in todo if not part.done()]
+    running, failed = {}, []  # slot -> (part, process, log file, start time)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    while pending or running:
+        for slot, (part, process, handle, started) in list(running.items()):
+            if process.poll() is None:
+                continue
+            handle.close()
+            del running[slot]
+            seconds = time.monotonic() - started
+            if process.returncode == 0:
+                log(f"{part.name} done in {seconds:.0f} s")
+            else:
+                failed.append(part.name)
+                tail = (logs / f"{part.log_name}.log").read_text(errors="replace")[-2000:]
+                log(f"{part.name} FAILED (exit {process.returncode}) after {seconds:.0f} s; end of its log:\n{tail}")
         if deadline.passed():
+            for part, process, handle, _ in running.values():
+                process.terminate()
+            for part, process, handle, _ in running.values():
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+                handle.close()
+                log(f"{part.name} stopped at the deadline; it resumes from its last saved step next time")
             break
-        result = bench_checkpoint(folder, frontier / "teacher")
-        log(f"bench {folder.name}: {result['throughput_ratio']:.2f}x (roofline {result['roofline_ratio']:.2f}x)")
-    build_report(frontier)
-
-    for seed in args.seeds if args.ablations else []:
-        recipes = ablation_recipes(base, frontier, seed)
-        for name in args.ablations:
-            if name == "staged" and seed == args.seeds[0]:
-                continue  # the frontier's h18 is this arm's first seed
-            if deadline.passed():
-                log("deadline passed: stopping before the next ablation run")
+        for slot in (s for s in range(jobs) if s not in running):
+            part = next((p for p in pending if p.ready()), None)
+            if part is None:
                 break
-            log(f"ablation {name} seed {seed}")
-            seconds = run_recipe(recipes[name], frontier.parent / "ablations" / f"{name}-s{seed}")
-            log(f"ablation {name} seed {seed} done in {seconds:.0f} s")
+            pending.remove(part)
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            if gpu:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot)
+            handle = open(logs / f"{part.log_name}.log", "a")
+            process = subprocess.Popen([*worker, "--part", part.name], env=env, stdout=handle, stderr=subprocess.STDOUT)
+            running[slot] = (part, process, handle, time.monotonic())
+            log(f"{part.name} started" + (f" on GPU {slot}" if gpu else ""))
+        if not running:
+            if pending:
+                log("waiting on parts that failed or did not run: " + ", ".join(p.name for p in pending))
+            break
+        time.sleep(1)
+    return failed
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import pytest
 from hybridize.errors import UserError
 from hybridize.modeling.configuration_hybrid import HybridConfig
 from hybridize.report import build_report
-from hybridize.report.pareto import pareto_front
+from hybridize.report.pareto import pareto_front, plot_pareto
 
 TASKS = ("arithmetic", "multi_digit")
 LAYERS = 8
@@ -90,6 +90,18 @@ def test_report_without_any_teacher_accuracy_leaves_retention_blank(tmp_path):
 def test_pareto_front_keeps_points_no_other_beats_on_both_axes():
     points = [(1.0, 0.8), (1.3, 0.75), (1.4, 0.5), (1.7, 0.6), (2.0, 0.6), (1.2, 0.6)]
     assert pareto_front(points) == [(1.0, 0.8), (1.3, 0.75), (2.0, 0.6)]
+
+
+def test_reference_points_of_another_study_are_drawn_but_stay_off_the_frontier(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda ax, xs, ys, *a, **k: drawn.append(list(xs)) or original(ax, xs, ys, *a, **k))
+    path = plot_pareto([(1.9, 0.7, "h15", True), (2.3, 0.6, "h18", True)], tmp_path / "p.png", "t", 1.0,
+                       references=[(4.0, 0.99, "paper")], reference_label="paper", ylabel="retained (%)")
+    assert path.stat().st_size > 10_000
+    assert drawn == [[1.0, 1.9, 2.3]]  # the frontier line: teacher and ours, not the (dominating) reference
 
 
 def test_unusable_run_directories_are_refused(tmp_path):

@@ -261,6 +261,8 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(512, ge=1)
     batch_size: int = Field(16, ge=1)
     limit: Optional[int] = Field(None, ge=1, description="evaluate at most this many rows")
+    teacher: bool = Field(True, description="also evaluate the teacher (teacher_eval.json); off when another run "
+                                            "of the same teacher and eval rows already did")
 
 
 class TeacherSFTConfig(_Strict):

@@ -6,7 +6,8 @@ Run directory::
     state.json            {"completed": [stage names], "tokens": {stage: cumulative distillation tokens}}
     teacher/              with teacher_sft: the fine-tuned teacher (HF directory), its metrics.jsonl
     base_teacher_eval.json  with teacher_sft: the recipe's teacher before fine-tuning
-    teacher_eval.json     the accuracy of the teacher the stages distil from, on the eval rows
+    teacher_eval.json     the accuracy of the teacher the stages distil from, on the eval rows (unless
+                          eval.teacher is false)
     importance/           loo.json/png on the teacher; <stage>-mmr.json/png on the hybrid before a stage
     data/                 rows of `generated` data sources, sampled from the teacher once, with their stats
     <stage>/              the stage's checkpoint (HF directory + layers.json), metrics.jsonl,
@@ -191,7 +192,7 @@ class RecipeRun:
 
     def _teacher_eval(self):
         path = self.run_dir / "teacher_eval.json"
-        if not self.eval_rows or path.is_file() or not self.main:
+        if not self.eval_rows or not self.recipe.eval.teacher or path.is_file() or not self.main:
             return
         from hybridize.evaluate.evaluator import evaluate
 

@@ -22,10 +22,12 @@ def pareto_front(points):
     return front[::-1]
 
 
-def plot_pareto(points, path, title, teacher_accuracy=None) -> Path:
+def plot_pareto(points, path, title, teacher_accuracy=None, references=(), reference_label="reference",
+                ylabel="accuracy, mean over tasks (%)") -> Path:
     """Write the plot as PNG atomically; points are (ratio, accuracy, label, measured) tuples.
 
-    Accuracy is a fraction and is shown in percent; the teacher is the star at 1x.
+    Accuracy is a fraction and is shown in percent; the teacher is the star at 1x. `references`
+    are (ratio, accuracy, label) points of another study, drawn apart and left out of the frontier.
     """
     import matplotlib
 
@@ -48,16 +50,22 @@ def plot_pareto(points, path, title, teacher_accuracy=None) -> Path:
             ax.scatter([p[0] for p in chosen], [100 * p[1] for p in chosen], s=70, zorder=3, **style)
     for x, y, label, _ in points:
         ax.annotate(label, (x, 100 * y), xytext=(7, 7), textcoords="offset points", fontsize=10)
+    if references:
+        ax.scatter([p[0] for p in references], [100 * p[1] for p in references], marker="s", s=45, color="tab:gray",
+                   zorder=2, label=reference_label)
+        for x, y, label in references:
+            ax.annotate(label, (x, 100 * y), xytext=(6, -12), textcoords="offset points", fontsize=8, color="tab:gray")
     if teacher_accuracy is not None:
         ax.scatter([1.0], [100 * teacher_accuracy], marker="*", s=260, color="tab:red", zorder=4, label="teacher")
         ax.annotate("teacher", (1.0, 100 * teacher_accuracy), xytext=(6, 9), textcoords="offset points",
                     fontsize=10, color="tab:red", fontweight="bold")
-    if everything:
-        xs, ys = [p[0] for p in everything], [100 * p[1] for p in everything]
+    if everything or references:
+        xs = [p[0] for p in everything] + [p[0] for p in references]
+        ys = [100 * p[1] for p in everything] + [100 * p[1] for p in references]
         ax.set_xlim(min(0.9, min(xs) - 0.1), max(xs) * 1.12 + 0.1)
         ax.set_ylim(max(0.0, min(ys) - 8), min(105.0, max(ys) + 8))
     ax.set_xlabel("decode throughput relative to the teacher (×)", fontsize=12)
-    ax.set_ylabel("accuracy, mean over tasks (%)", fontsize=12)
+    ax.set_ylabel(ylabel, fontsize=12)
     ax.set_title(title, fontsize=13)
     ax.grid(True, alpha=0.3)
     ax.tick_params(labelsize=10)

@@ -1,0 +1,76 @@
+"""benchmarks/repro_h1.py: parts run in parallel as soon as what they wait for is done, stop at a
+deadline, and resume; the summary gathers the frontier and every ablation seed."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tiny import tiny_teacher, tiny_tokenizer
+
+pytestmark = pytest.mark.slow
+
+DRIVER = Path(__file__).resolve().parent.parent / "benchmarks" / "repro_h1.py"
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("repro")
+    tiny_teacher().save_pretrained(folder / "teacher")
+    tiny_tokenizer().save_pretrained(folder / "teacher")
+    train = {"steps": 3, "micro_batch_size": 2, "seq_len": 48, "lr": 1e-3, "save_every": 1}
+    task = {"tasks": ["multi_digit"], "knobs": {"multi_digit": {"digits": 2}}}
+    recipe = {"teacher": str(folder / "teacher"), "teacher_sft": {"train": dict(train)},
+              "data": {"train": {"synthetic": {**task, "n": 16}}, "eval": {"synthetic": {**task, "n": 4}}},
+              "eval": {"max_new_tokens": 8, "batch_size": 4},
+              "stages": [{"name": "h15", "count": 1, "select": "loo", "train": dict(train)},
+                         {"name": "h18", "count": 2, "select": "mmr", "probe_steps": 2, "train": dict(train)}]}
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return folder / "recipe.yaml"
+
+
+def drive(recipe, out, *args):
+    env = dict(os.environ, PYTHONPATH=str(DRIVER.parent.parent / "src"))
+    return subprocess.run([sys.executable, str(DRIVER), "--out", str(out), "--recipe", str(recipe), "--seeds", "0", "1",
+                           "--ablations", "staged", "one-shot", "forward-kl", *args],
+                          env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_parts_run_two_at_a_time_after_what_they_need_and_resume_after_a_deadline(recipe, tmp_path):
+    out = tmp_path / "out"
+    stopped = drive(recipe, out, "--jobs", "2", "--deadline", "4")
+    assert stopped.returncode == 0, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+    assert "stopped at the deadline" in stopped.stdout
+    assert not (out / "ablations" / "forward-kl-s1" / "h18" / "eval.json").exists()
+
+    finished = drive(recipe, out, "--jobs", "2")
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["frontier"]) == {"h15", "h18"} and summary["teacher"] is not None
+    for arm in ("staged", "one-shot", "forward-kl"):
+        assert sorted(summary["ablations"][arm]["seeds"]) == ["0", "1"]  # JSON keys
+        assert summary["ablations"][arm]["mean"]["n"] == 2
+    # the staged arm's second seed starts from the frontier's 15-mixer checkpoint, so only after it exists
+    staged = out / "ablations" / "staged-s1"
+    assert staged.with_suffix(".yaml").stat().st_mtime >= (out / "frontier" / "h15" / "eval.json").stat().st_mtime
+    assert yaml.safe_load(staged.with_suffix(".yaml").read_text())["student"] == str(out / "frontier" / "h15")
+    one_shot = yaml.safe_load((out / "ablations" / "one-shot-s1.yaml").read_text())
+    assert one_shot["teacher"] == str(out / "frontier" / "teacher") and one_shot["seed"] == 1
+    assert one_shot["stages"][0]["train"]["steps"] == 6  # the h15 + h18 budget in one stage
+    assert not (out / "ablations" / "one-shot-s1" / "teacher_eval.json").exists()  # the frontier's is the reference
+    assert (out / "logs" / "ablation-one-shot-s1.log").is_file()
+
+
+def test_a_failing_part_is_reported_and_the_others_still_run(recipe, tmp_path):
+    out = tmp_path / "out"
+    broken = yaml.safe_load(recipe.read_text())
+    broken["stages"][1]["select"] = "loo"
+    broken["stages"][1]["count"] = 99  # the frontier fails at validation; ablations never get a teacher
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(broken))
+    result = drive(bad, out, "--jobs", "2")
+    assert result.returncode == 1
+    assert "frontier FAILED" in result.stdout and "waiting on parts that failed or did not run" in result.stdout
