@@ -280,3 +280,24 @@ def test_a_teacher_that_keeps_no_sample_stops_the_run_with_one_sentence(teacher_
     result = hybridize("run", recipe, "--out", tmp_path / "run")
     assert result.returncode == 2 and "kept none of its 2 samples" in result.stderr
     assert not list((tmp_path / "run" / "data").glob("*.jsonl"))
+
+
+def test_training_rows_are_tokenised_once_per_run_whatever_the_number_of_stages(teacher_dir, tmp_path, monkeypatch):
+    """The teacher SFT, every stage and every MMR probe share one tokenisation of the same rows at one
+    sequence length; a stage at another length tokenises them again."""
+    import hybridize.distill.runner as runner
+
+    lengths = []
+    original = runner.tokenize_rows
+    monkeypatch.setattr(runner, "tokenize_rows",
+                        lambda rows, tokenizer, max_length=None, **k: lengths.append(max_length)
+                        or original(rows, tokenizer, max_length=max_length, **k))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    train = {"steps": 2, "micro_batch_size": 2, "seq_len": 48, "lr": 1e-3}
+    recipe = write_recipe(tmp_path / "r.yaml", teacher_dir, teacher_sft={"train": train}, stages=[
+        {"name": "h1", "count": 1, "select": "loo", "train": train},
+        {"name": "h2", "count": 2, "select": "mmr", "probe_steps": 1, "train": train},
+        {"name": "h2-sft", "kind": "sft", "train": {**train, "seq_len": 32}},
+    ])
+    runner.run(recipe, tmp_path / "run")
+    assert sorted(lengths) == [32, 48, 512]  # 512: LOO's held-out windows

@@ -67,6 +67,7 @@ class RecipeRun:
         self.work = self.run_dir / ".work"
         self.world = init_world()
         self.main = self.world.is_main
+        self._rows, self._packed = {}, {}  # per source, and per (rows, seq_len): made once per run
 
     # -- files -------------------------------------------------------------------------
 
@@ -97,7 +98,14 @@ class RecipeRun:
         return state
 
     def rows(self, source, split):
-        """Rows of any recipe data source; `generated` ones are sampled from the current teacher once."""
+        """Rows of any recipe data source, made once per run (the same list for every stage that uses
+        the source); `generated` ones are sampled from the teacher once and kept in run_dir/data."""
+        key = (source.model_dump_json(), split)
+        if key not in self._rows:
+            self._rows[key] = self._make_rows(source, split)
+        return self._rows[key]
+
+    def _make_rows(self, source, split):
         if source.generated is None:
             return source_rows(source, split)
         spec = source.generated
@@ -204,8 +212,12 @@ class RecipeRun:
         return {"max_new_tokens": e.max_new_tokens, "batch_size": e.batch_size, "limit": e.limit}
 
     def _batches(self, train: TrainConfig, rows=None):
-        examples, _ = tokenize_rows(rows or self.train_rows, self.tokenizer, max_length=train.seq_len)
-        packed = pack(examples, train.seq_len, pad_id=self.tokenizer.pad_token_id)
+        rows = rows or self.train_rows
+        key = (id(rows), train.seq_len)  # rows lists live in self._rows for the whole run
+        if key not in self._packed:  # tokenising is slow (a chat template per row): once per run
+            examples, _ = tokenize_rows(rows, self.tokenizer, max_length=train.seq_len)
+            self._packed[key] = pack(examples, train.seq_len, pad_id=self.tokenizer.pad_token_id)
+        packed = self._packed[key]
         if not packed:
             raise UserError("the training data produced no trainable tokens")
         return lambda: batches(packed, train.micro_batch_size, seed=train.seed, epochs=None)
