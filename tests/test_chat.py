@@ -79,3 +79,30 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_row(tokeni
     with pytest.raises(ValueError, match=r"row 2 \(id 'multi'\).*message 2 \(assistant\)"):
         tokenize_rows([{"text": "fine"}, MULTI], counting)
     assert all(tokenize_row(MULTI, counting, loss_on="all")["loss_mask"])
+
+
+def test_batched_tokenisation_of_many_rows_equals_one_row_at_a_time(tokenizer, monkeypatch):
+    """tokenize_rows encodes each block's renderings in one batch; the examples must be exactly
+    what tokenize_row gives row by row, for every loss_on, across block boundaries."""
+    import random
+
+    import hybridize.data.chat as chat
+
+    rng = random.Random(7)
+    rows = []
+    for n in range(23):
+        turns = [{"role": "system", "content": "Be brief."}] if n % 3 == 0 else []
+        for _ in range(rng.randint(1, 3)):
+            a, b = rng.randint(1, 999), rng.randint(1, 999)
+            turns += [{"role": "user", "content": f"What is {a} + {b}?"},
+                      {"role": "assistant", "content": f"{a} + {b} = {a + b}\n#### {a + b}"}]
+        rows.append({"id": f"r{n}", "messages": turns} if n != 5 else {"text": f"plain {n}"})
+    batched = []
+    encode_block = chat._encode_block
+    monkeypatch.setattr(chat, "_encode_block", lambda *a: batched.append(encode_block(*a)) or batched[-1])
+    monkeypatch.setattr(chat, "ENCODE_BLOCK", 4)
+    for loss_on in ("assistant", "all", "last_assistant"):
+        batched.clear()
+        examples, report = tokenize_rows(rows, tokenizer, loss_on=loss_on)
+        assert examples == [tokenize_row(row, tokenizer, loss_on) for row in rows]
+        assert report.kept == len(rows) and len(batched) == 6 and all(batched)  # 23 rows in blocks of 4

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 LOSS_ON = ("assistant", "all", "last_assistant")
 OVERFLOW = ("truncate", "drop")
+ENCODE_BLOCK = 1024  # rows whose renderings are tokenised in one batch
 
 
 @dataclass
@@ -55,23 +56,59 @@ def _special_ids(tokenizer) -> set[int]:
     return special
 
 
-def _render(tokenizer, messages, generation_prompt, name) -> list[int]:
+def _template(tokenizer, messages, generation_prompt, name) -> str:
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as error:  # jinja raises whatever the template author chose
         raise ValueError(f"{name}: the chat template failed on it: {error}") from None
+
+
+def _render(tokenizer, messages, generation_prompt, name, encoded=None) -> list[int]:
+    """Token ids of the templated `messages`; `encoded` maps texts already tokenised to their ids."""
+    text = _template(tokenizer, messages, generation_prompt, name)
+    if encoded is not None and text in encoded:
+        return encoded[text]
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _assistant_spans(messages, tokenizer, full, name) -> list[tuple[int, int]]:
+def _texts_to_encode(row, loss_on) -> list[tuple[list, bool]]:
+    """(messages, generation prompt) of every rendering `tokenize_row` makes of a chat row."""
+    messages = row.get("messages") if isinstance(row, dict) else None
+    if not isinstance(messages, list):
+        return []
+    needed = [(messages, False)]
+    if loss_on != "all":
+        for i, message in enumerate(messages):
+            if isinstance(message, dict) and message.get("role") == "assistant":
+                needed += [(messages[:i], True), (messages[: i + 1], False)]
+    return needed
+
+
+def _encode_block(rows, tokenizer, loss_on) -> dict[str, list[int]]:
+    """Every text the rows' tokenisation renders, tokenised in one batch (the fast tokenizers encode a
+    batch on all cores; one call per text would use one). Rows whose template fails are skipped here
+    and raise, naming the row, when tokenised."""
+    if tokenizer.chat_template is None:
+        return {}
+    texts = set()
+    for row in rows:
+        try:
+            texts.update(_template(tokenizer, messages, prompt, "") for messages, prompt in _texts_to_encode(row, loss_on))
+        except ValueError:
+            continue
+    texts = sorted(texts)
+    return dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
+
+
+def _assistant_spans(messages, tokenizer, full, name, encoded=None) -> list[tuple[int, int]]:
     """[start, end) token spans of each assistant turn's content and end-of-turn token in `full`."""
     special = _special_ids(tokenizer)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], True, name)
-        through = _render(tokenizer, messages[: i + 1], False, name)
+        before = _render(tokenizer, messages[:i], True, name, encoded)
+        through = _render(tokenizer, messages[: i + 1], False, name, encoded)
         if through[: len(before)] != before or full[: len(through)] != through:
             raise ValueError(
                 f"{name}: the tokenizer's chat template does not render message {i} (assistant) as an "
@@ -94,7 +131,7 @@ def _truncate(example: dict, max_length: int | None) -> dict:
 
 
 def tokenize_row(row: dict, tokenizer, loss_on: str = "assistant", max_length: int | None = None,
-                 name: str | None = None) -> dict:
+                 name: str | None = None, encoded: dict | None = None) -> dict:
     """``{"input_ids": [...], "loss_mask": [...]}`` of one normalised row, truncated to `max_length`.
 
     ``messages`` rows are chat-templated; `loss_on` picks the targets: every assistant turn
@@ -102,7 +139,7 @@ def tokenize_row(row: dict, tokenizer, loss_on: str = "assistant", max_length: i
     ``text`` rows are tokenised as they are (with the tokenizer's own special tokens) plus the
     end-of-sequence token, and every token is a target whatever `loss_on` says, since plain text
     has no roles. Raises ValueError naming the row (as `name`, else by its id) when it cannot be
-    tokenised faithfully.
+    tokenised faithfully. `encoded` (text -> ids) supplies renderings tokenised beforehand.
     """
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
@@ -118,11 +155,11 @@ def tokenize_row(row: dict, tokenizer, loss_on: str = "assistant", max_length: i
         raise ValueError(f"{name} is a chat row but the tokenizer has no chat template; use an instruct "
                          "model's tokenizer, or text rows")
     messages = row["messages"]
-    ids = _render(tokenizer, messages, False, name)
+    ids = _render(tokenizer, messages, False, name, encoded)
     if loss_on == "all":
         mask = [True] * len(ids)
     else:
-        spans = _assistant_spans(messages, tokenizer, ids, name)
+        spans = _assistant_spans(messages, tokenizer, ids, name, encoded)
         if loss_on == "last_assistant":
             spans = spans[-1:]
         mask = [False] * len(ids)
@@ -144,10 +181,14 @@ def tokenize_rows(rows, tokenizer, loss_on: str = "assistant", max_length: int |
         raise ValueError(f"overflow must be one of {', '.join(OVERFLOW)}, got {overflow!r}")
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+    rows = rows if isinstance(rows, list) else list(rows)
     examples, dropped, report = [], Counter(), TokenizeReport()
+    encoded = {}
     for number, row in enumerate(rows, start=1):
+        if (number - 1) % ENCODE_BLOCK == 0:  # bounded memory: the texts of one block at a time
+            encoded = _encode_block(rows[number - 1: number - 1 + ENCODE_BLOCK], tokenizer, loss_on)
         report.rows += 1
-        example = tokenize_row(row, tokenizer, loss_on, name=_describe(row, number))
+        example = tokenize_row(row, tokenizer, loss_on, name=_describe(row, number), encoded=encoded)
         too_long = max_length is not None and len(example["input_ids"]) > max_length
         if too_long and overflow == "drop":
             dropped["too_long"] += 1
