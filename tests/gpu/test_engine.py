@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from gpu_checks import rel_err
 
 from hybridize.bench import runner, shapes
 from hybridize.bench.engine import DecodeEngine, attention_twin, greedy_gate
@@ -15,10 +16,6 @@ from hybridize.modeling.modeling_hybrid import apply_rotary
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def rel_err(got, want):
-    got, want = got.double(), want.double()
-    assert torch.isfinite(got).all()
-    return ((got - want).norm() / want.norm()).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from gpu_checks import poison, rel_err
 
 from hybridize.kernels import ops
 from hybridize.modeling import mamba_ops as reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+POISON = 64 << 20  # floats of NaN written over free memory before each kernel call
 
 if torch.cuda.is_available():
     from hybridize.kernels import triton_conv, triton_scan
@@ -31,16 +34,8 @@ SCAN_SHAPES = [
 ]
 
 
-def rel_err(got, want):
-    got, want = got.double(), want.double()
-    assert torch.isfinite(got).all(), "non-finite values (unwritten output?)"
-    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
-def poison():
-    """Fill the caching allocator's free memory with NaN so unwritten outputs show up."""
-    junk = torch.full((64 << 20,), float("nan"), device="cuda")
-    del junk
 
 
 def scan_inputs(b, l, d, n, gb, gc, dtype, seed):
@@ -83,7 +78,7 @@ def check_scan(shape, dtype, seed, with_options=True, config=None):
     gy = torch.randn(b, l, d, generator=g, device="cuda").to(dtype)  # representable in the output dtype
     gh = torch.randn(b, d, n, generator=g, device="cuda")
 
-    poison()
+    poison(POISON)
     y, h, grads = run_scan(triton_scan.selective_scan, inputs, h0, reset, gy, gh, config=config)
     ref_inputs = {k: (v.double() if v is not None else None) for k, v in inputs.items()}
     y_ref, h_ref, grads_ref = run_scan(
@@ -143,7 +138,7 @@ def test_state_update_matches_the_scan_state_at_every_position(dtype):
 
     y_scan, _ = triton_scan.selective_scan(**inputs, initial_state=state0)
     for t in range(l):
-        poison()
+        poison(POISON)
         step = {k: (v[:, t] if v.dim() >= 3 else v) for k, v in inputs.items()}
         y_t = triton_scan.selective_state_update(state, **step)
         y_ref, h_ref = reference.selective_scan_sequential(**prefix(ref_inputs, t, t + 1), initial_state=h_ref)
@@ -181,7 +176,7 @@ def test_conv_forward_backward_and_window_match_float64_reference(shape, dtype, 
         ((y.to(gy.dtype) * gy).sum() + (window.to(gw.dtype) * gw).sum()).backward()
         return y.detach(), window.detach(), [t.grad if t is not None else None for t in leaves]
 
-    poison()
+    poison(POISON)
     y, window, grads = run(triton_conv.causal_conv1d, (x, w, bias, init))
     y_ref, window_ref, grads_ref = run(
         reference.causal_conv1d, [t.double() if t is not None else None for t in (x, w, bias, init)]
@@ -203,7 +198,7 @@ def test_conv_update_steps_equal_the_full_conv(dtype):
     window = torch.randn(b, d, k - 1, device="cuda").to(dtype)
     y_full, window_full = reference.causal_conv1d(x.double(), w.double(), bias.double(), window.double())
     for t in range(l):
-        poison()
+        poison(POISON)
         y_t = triton_conv.causal_conv1d_update(window, x[:, t], w, bias)
         assert rel_err(y_t, y_full[:, t]) <= TOL[dtype]
     assert rel_err(window, window_full) <= TOL[dtype]

@@ -9,11 +9,14 @@ Outputs are allocated over memory poisoned with NaN, so an element the kernel fo
 
 import pytest
 import torch
+from gpu_checks import poison, rel_err
 
 from hybridize.distill import losses
 from hybridize.distill.losses import LossSpec, _grad_logits, _log_probs, _values, distillation_loss
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+POISON = 1 << 30  # floats of NaN written over free memory before each kernel call
 
 if torch.cuda.is_available():
     from hybridize.kernels import triton_kl
@@ -25,16 +28,8 @@ MIXES = [
 ]
 
 
-def rel_err(got, want):
-    got, want = got.double(), want.double()
-    assert torch.isfinite(got).all(), "non-finite values (unwritten output?)"
-    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
-def poison():
-    """Fill the caching allocator's free memory with NaN so unwritten outputs show up."""
-    junk = torch.full((1 << 30,), float("nan"), device="cuda")
-    del junk
 
 
 def logits(rows, vocab, seed):
@@ -64,13 +59,13 @@ def test_kernel_matches_torch_formulas_at_training_sizes(rows, vocab, weights, T
     scale = torch.tensor(1 / 3000, device="cuda")
     ref_values, ref_grad = torch_formulas(s, t, labels, weights, T, scale)
 
-    poison()
+    poison(POISON)
     values, grad = triton_kl.values_and_grad(s, t, labels, weights, T, scale)
     assert values.shape == (rows, len(weights)) and grad.dtype == torch.bfloat16
     assert rel_err(values, ref_values) <= 1e-4
     assert rel_err(grad, ref_grad) <= 1e-2
 
-    poison()
+    poison(POISON)
     _, grad32 = triton_kl.values_and_grad(s, t, labels, weights, T, scale, grad_dtype=torch.float32)
     assert rel_err(grad32, ref_grad) <= 1e-4
 
