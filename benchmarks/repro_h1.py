@@ -107,7 +107,7 @@ def run_recipe(recipe: dict, out: Path):
     return time.monotonic() - started
 
 
-def bench_checkpoint(checkpoint: Path, teacher: Path):
+def bench_checkpoint(checkpoint: Path, teacher: str):
     """bench.json for one checkpoint: its decode throughput over the teacher's, same engine and call."""
     from hybridize.bench.runner import bench
     from hybridize.convert.checkpoint import write_json_atomic
@@ -115,7 +115,7 @@ def bench_checkpoint(checkpoint: Path, teacher: Path):
     target = checkpoint / "bench.json"
     if target.is_file():
         return json.loads(target.read_text())
-    result = bench(str(checkpoint), teacher=str(teacher), include_stock=False, echo=False, **SCENARIO)
+    result = bench(str(checkpoint), teacher=teacher, include_stock=False, echo=False, **SCENARIO)
     rows = {row["model"]: row for row in result["rows"] if row.get("path") == "engine"}
     hybrid = next(row for name, row in rows.items() if name != "teacher")
     summary = {"throughput_ratio": hybrid.get("ratio_vs_teacher"), "roofline_ratio": hybrid.get("roofline_ratio"),
@@ -126,12 +126,17 @@ def bench_checkpoint(checkpoint: Path, teacher: Path):
     return summary
 
 
+def distilled_teacher(base: dict, frontier: Path) -> str:
+    """The teacher the frontier's stages distil from: its fine-tuned copy with teacher_sft."""
+    return str(frontier / "teacher") if base.get("teacher_sft") else base["teacher"]
+
+
 def ablation_recipes(base: dict, frontier: Path, seed: int) -> dict[str, dict]:
     """name -> recipe of each ablation run at `seed`."""
     stages = {stage["name"]: stage for stage in base["stages"]}
     h15, h18 = stages["h15"], stages["h18"]
-    teacher = str(frontier / "teacher") if base.get("teacher_sft") else base["teacher"]
-    common = {"teacher": teacher, "data": base["data"], "eval": {**base.get("eval", {}), "teacher": False},
+    common = {"teacher": distilled_teacher(base, frontier), "data": base["data"],
+              "eval": {**base.get("eval", {}), "teacher": False},
               "mil_layout": base.get("mil_layout", "apriel"), "seed": seed}
     recipes = {"staged": {**common, "student": str(frontier / "h15"), "stages": [dict(copy.deepcopy(h18))]}}
     budget = "tokens" if "tokens" in h15["train"] else "steps"  # the two stages' budgets, in one run
@@ -259,7 +264,7 @@ def run_part(name: str, base: dict, out: Path, seeds):
     if kind == "frontier":
         run_recipe(base, frontier)
     elif kind == "bench":
-        result = bench_checkpoint(frontier / rest, frontier / "teacher" if base.get("teacher_sft") else Path(base["teacher"]))
+        result = bench_checkpoint(frontier / rest, distilled_teacher(base, frontier))
         log(f"bench {rest}: {result['throughput_ratio']:.2f}x (roofline {result['roofline_ratio']:.2f}x)")
     elif kind == "ablation":
         arm, _, seed = rest.rpartition("-s")
@@ -299,6 +304,8 @@ def main(argv=None):
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="override the frontier recipe, e.g. teacher_sft.train.tokens=4000000")
     args = parser.parse_args(argv)
+    if args.jobs < 0:
+        parser.error(f"--jobs takes a number of parts >= 1 (0: one per GPU), got {args.jobs}")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
 

@@ -74,3 +74,9 @@ def test_a_failing_part_is_reported_and_the_others_still_run(recipe, tmp_path):
     result = drive(bad, out, "--jobs", "2")
     assert result.returncode == 1
     assert "frontier FAILED" in result.stdout and "waiting on parts that failed or did not run" in result.stdout
+
+
+def test_a_negative_jobs_count_is_refused_before_anything_is_written(recipe, tmp_path):
+    result = drive(recipe, tmp_path / "out", "--jobs", "-1")
+    assert result.returncode == 2 and "--jobs takes a number of parts >= 1" in result.stderr
+    assert not (tmp_path / "out").exists()
