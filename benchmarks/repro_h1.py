@@ -3,10 +3,12 @@
     PYTHONPATH=src python benchmarks/repro_h1.py --out runs/repro [--jobs N] [--deadline 540] [--seeds 0 1] [--copy-to DIR]
 
 The reproduction is a set of parts, each a resumable `hybridize run` (or a bench) in its own folder
-under --out. A scheduler runs up to --jobs parts at once, each in its own process on its own GPU
-(default: every visible GPU), starting each part as soon as what it waits for is done: the ablations
-wait for the frontier's teacher, the staged arm for its 15-mixer checkpoint, a bench for its
-checkpoint. Each part's output goes to logs/<part>.log. With --deadline the running parts are stopped
+under --out. A scheduler runs up to --jobs parts at once (default: one per visible GPU), each in its
+own process, starting each part as soon as what it waits for is done: the ablations wait for the
+frontier's teacher, the staged arm for its 15-mixer checkpoint, a bench for its checkpoint. With more
+jobs than GPUs, ablation arms share a GPU (a 135M arm needs under half an H100's memory, and one arm's
+start-up and evaluation leave the GPU idle that another's training fills); the frontier, the critical
+path, and every bench, a timing, get a GPU to themselves. Each part's output goes to logs/<part>.log. With --deadline the running parts are stopped
 after that many seconds; started again, the driver skips what is done and every part resumes from its
 last saved step, so it can run in calls of at most 10 minutes. The parts:
 
@@ -71,6 +73,7 @@ class Part:
     name: str
     ready: Callable[[], bool]  # what it waits for is done
     done: Callable[[], bool]
+    exclusive: bool = False  # runs alone on its GPU
 
     @property
     def log_name(self) -> str:
@@ -243,9 +246,9 @@ def parts(base: dict, out: Path, seeds, ablations, gpu: bool) -> list[Part]:
 
     teacher_ready = after("teacher") if base.get("teacher_sft") else (lambda: True)
     stage_names = [stage["name"] for stage in base["stages"]]
-    everything = [Part("frontier", lambda: True, after(*stage_names))]
+    everything = [Part("frontier", lambda: True, after(*stage_names), exclusive=True)]
     if gpu:  # decode throughput is a GPU figure
-        everything += [Part(f"bench/{name}", after(name), (frontier / name / "bench.json").is_file)
+        everything += [Part(f"bench/{name}", after(name), (frontier / name / "bench.json").is_file, exclusive=True)
                        for name in stage_names]
     for seed in seeds:
         for name in ablations:
@@ -294,7 +297,8 @@ def main(argv=None):
     parser.add_argument("--ablations", nargs="*", default=["staged", *ABLATIONS], choices=["staged", *ABLATIONS],
                         help="which ablations to run")
     parser.add_argument("--jobs", type=int, default=0,
-                        help="parts run at once, each on its own GPU (default: one per visible GPU, 1 on CPU)")
+                        help="parts run at once (default: one per visible GPU, 1 on CPU); more than the GPUs "
+                             "puts up to ceil(jobs / GPUs) ablation arms on a GPU")
     parser.add_argument("--deadline", type=float, default=0,
                         help="after this many seconds stop the running parts (they resume from their last saved "
                              "step next time) and start nothing new")
@@ -323,12 +327,10 @@ def main(argv=None):
 
         gpus = torch.cuda.device_count()
         jobs = args.jobs or max(gpus, 1)
-        if gpus and jobs > gpus:
-            parser.error(f"--jobs {jobs} needs {jobs} GPUs and {gpus} are visible")
         todo = parts(base, out, args.seeds, args.ablations, gpu=gpus > 0)
         worker = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--recipe", str(args.recipe),
                   "--seeds", *map(str, args.seeds), *(f"--set={item}" for item in args.overrides)]
-        failed = schedule(todo, worker, jobs, gpus > 0, Deadline(args.deadline), out / "logs")
+        failed = schedule(todo, worker, jobs, gpus, Deadline(args.deadline), out / "logs")
     frontier = out / "frontier"
     if frontier.is_dir() and any(frontier.glob("*/eval.json")):
         build_report(frontier)  # with the bench figures
@@ -346,19 +348,32 @@ def main(argv=None):
     return 1 if failed else 0
 
 
-def schedule(todo: list[Part], worker: list[str], jobs: int, gpu: bool, deadline: Deadline, logs: Path) -> list[str]:
-    """Run the parts not yet done, up to `jobs` at once (one GPU each), each as soon as what it waits for
-    is done; returns the names of the parts that failed. A part's output goes to logs/<part>.log."""
+def choose_gpu(part: Part, loads: list[int], exclusive: set[int], per_gpu: int) -> int | None:
+    """The GPU `part` starts on, or None while none suits: an exclusive part takes the first idle GPU;
+    any other the least busy GPU with room that runs no exclusive part, the last one on ties, so that
+    the first GPU, where the frontier starts, is the last one shared."""
+    if part.exclusive:
+        return next((gpu for gpu, load in enumerate(loads) if load == 0), None)
+    room = [gpu for gpu, load in enumerate(loads) if load < per_gpu and gpu not in exclusive]
+    return min(room, key=lambda gpu: (loads[gpu], -gpu), default=None)
+
+
+def schedule(todo: list[Part], worker: list[str], jobs: int, gpus: int, deadline: Deadline, logs: Path) -> list[str]:
+    """Run the parts not yet done, up to `jobs` at once spread over `gpus` GPUs (0: on the CPU), each as
+    soon as what it waits for is done; returns the names of the parts that failed. A part's output goes
+    to logs/<part>.log."""
     logs.mkdir(parents=True, exist_ok=True)
     pending = [part for part in todo if not part.done()]
-    running, failed = {}, []  # slot -> (part, process, log file, start time)
+    running, failed = [], []  # (part, process, log file, start time, GPU)
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    per_gpu = -(-jobs // gpus) if gpus else jobs
     while pending or running:
-        for slot, (part, process, handle, started) in list(running.items()):
+        for entry in list(running):
+            part, process, handle, started, _ = entry
             if process.poll() is None:
                 continue
             handle.close()
-            del running[slot]
+            running.remove(entry)
             seconds = time.monotonic() - started
             if process.returncode == 0:
                 log(f"{part.name} done in {seconds:.0f} s")
@@ -367,9 +382,9 @@ def schedule(todo: list[Part], worker: list[str], jobs: int, gpu: bool, deadline
                 tail = (logs / f"{part.log_name}.log").read_text(errors="replace")[-2000:]
                 log(f"{part.name} FAILED (exit {process.returncode}) after {seconds:.0f} s; end of its log:\n{tail}")
         if deadline.passed():
-            for part, process, handle, _ in running.values():
+            for part, process, handle, _, _ in running:
                 process.terminate()
-            for part, process, handle, _ in running.values():
+            for part, process, handle, _, _ in running:
                 try:
                     process.wait(timeout=60)
                 except subprocess.TimeoutExpired:
@@ -378,18 +393,22 @@ def schedule(todo: list[Part], worker: list[str], jobs: int, gpu: bool, deadline
                 handle.close()
                 log(f"{part.name} stopped at the deadline; it resumes from its last saved step next time")
             break
-        for slot in (s for s in range(jobs) if s not in running):
-            part = next((p for p in pending if p.ready()), None)
-            if part is None:
+        for part in [p for p in pending if p.ready()]:
+            if len(running) >= jobs:
                 break
-            pending.remove(part)
             env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-            if gpu:
-                env["CUDA_VISIBLE_DEVICES"] = str(slot)
+            gpu = None
+            if gpus:
+                loads = [sum(entry[4] == g for entry in running) for g in range(gpus)]
+                gpu = choose_gpu(part, loads, {entry[4] for entry in running if entry[0].exclusive}, per_gpu)
+                if gpu is None:
+                    continue
+                env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+            pending.remove(part)
             handle = open(logs / f"{part.log_name}.log", "a")
             process = subprocess.Popen([*worker, "--part", part.name], env=env, stdout=handle, stderr=subprocess.STDOUT)
-            running[slot] = (part, process, handle, time.monotonic())
-            log(f"{part.name} started" + (f" on GPU {slot}" if gpu else ""))
+            running.append((part, process, handle, time.monotonic(), gpu))
+            log(f"{part.name} started" + (f" on GPU {gpu}" if gpu is not None else ""))
         if not running:
             if pending:
                 log("waiting on parts that failed or did not run: " + ", ".join(p.name for p in pending))

@@ -80,3 +80,31 @@ def test_a_negative_jobs_count_is_refused_before_anything_is_written(recipe, tmp
     result = drive(recipe, tmp_path / "out", "--jobs", "-1")
     assert result.returncode == 2 and "--jobs takes a number of parts >= 1" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def load_driver():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("repro_h1", DRIVER)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shared_gpus_fill_from_the_last_and_exclusive_parts_run_alone():
+    driver = load_driver()
+    arm = driver.Part("ablation/one-shot-s0", lambda: True, lambda: False)
+    bench = driver.Part("bench/h15", lambda: True, lambda: False, exclusive=True)
+    # the frontier runs alone on GPU 0; arms go two to a GPU, from the last GPU down
+    placed, loads, exclusive = [], [1, 0, 0, 0], {0}
+    while (gpu := driver.choose_gpu(arm, loads, exclusive, per_gpu=2)) is not None:
+        placed.append(gpu)
+        loads[gpu] += 1
+    assert placed == [3, 2, 1, 3, 2, 1]
+    # a bench waits for an idle GPU, then nothing joins it
+    assert driver.choose_gpu(bench, loads, exclusive, per_gpu=2) is None
+    assert driver.choose_gpu(bench, [0, 2, 1, 2], set(), per_gpu=2) == 0
+    assert driver.choose_gpu(arm, [1, 2, 2, 2], {0}, per_gpu=2) is None
+    # one part per GPU (the default) is plain one-to-one placement
+    assert driver.choose_gpu(arm, [1, 1, 0, 1], set(), per_gpu=1) == 2
