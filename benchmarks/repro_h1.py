@@ -6,9 +6,10 @@ The reproduction is a set of parts, each a resumable `hybridize run` (or a bench
 under --out. A scheduler runs up to --jobs parts at once (default: one per visible GPU), each in its
 own process, starting each part as soon as what it waits for is done: the ablations wait for the
 frontier's teacher, the staged arm for its 15-mixer checkpoint, a bench for its checkpoint. With more
-jobs than GPUs, ablation arms share a GPU (a 135M arm needs under half an H100's memory, and one arm's
-start-up and evaluation leave the GPU idle that another's training fills); the frontier, the critical
-path, and every bench, a timing, get a GPU to themselves. Each part's output goes to logs/<part>.log. With --deadline the running parts are stopped
+jobs than GPUs, ablation arms share a GPU (one arm's start-up and evaluation leave the GPU idle that
+another's training fills: on an H100 two 135M arms side by side took 211-237 s each against ~200 s
+alone); an arm that runs out of memory beside another resumes alone. The frontier, the critical path,
+and every bench, a timing, get a GPU to themselves. Each part's output goes to logs/<part>.log. With --deadline the running parts are stopped
 after that many seconds; started again, the driver skips what is done and every part resumes from its
 last saved step, so it can run in calls of at most 10 minutes. The parts:
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -375,11 +377,16 @@ def schedule(todo: list[Part], worker: list[str], jobs: int, gpus: int, deadline
             handle.close()
             running.remove(entry)
             seconds = time.monotonic() - started
+            tail = (logs / f"{part.log_name}.log").read_text(errors="replace")[-2000:]
             if process.returncode == 0:
                 log(f"{part.name} done in {seconds:.0f} s")
+            elif per_gpu > 1 and not part.exclusive and "OutOfMemoryError" in tail:
+                # two arms do not always fit one GPU (one with MMR probes needs more): resume it alone
+                pending.insert(0, dataclasses.replace(part, exclusive=True))
+                log(f"{part.name} ran out of GPU memory beside another part after {seconds:.0f} s; "
+                    "it resumes alone on a GPU")
             else:
                 failed.append(part.name)
-                tail = (logs / f"{part.log_name}.log").read_text(errors="replace")[-2000:]
                 log(f"{part.name} FAILED (exit {process.returncode}) after {seconds:.0f} s; end of its log:\n{tail}")
         if deadline.passed():
             for part, process, handle, _, _ in running:

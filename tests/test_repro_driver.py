@@ -108,3 +108,30 @@ def test_shared_gpus_fill_from_the_last_and_exclusive_parts_run_alone():
     assert driver.choose_gpu(arm, [1, 2, 2, 2], {0}, per_gpu=2) is None
     # one part per GPU (the default) is plain one-to-one placement
     assert driver.choose_gpu(arm, [1, 1, 0, 1], set(), per_gpu=1) == 2
+
+
+FAKE_WORKER = """
+import json, os, sys, time
+part, folder = sys.argv[-1], sys.argv[1]
+started = time.time()
+if part == "big" and not os.path.exists(os.path.join(folder, "oom-once")):
+    open(os.path.join(folder, "oom-once"), "w").close()
+    print("torch.OutOfMemoryError: CUDA out of memory.", flush=True)
+    sys.exit(1)
+time.sleep(1.5)
+with open(os.path.join(folder, part + ".json"), "w") as f:
+    json.dump({"gpu": os.environ["CUDA_VISIBLE_DEVICES"], "start": started, "end": time.time()}, f)
+"""
+
+
+def test_a_part_out_of_memory_beside_another_resumes_alone(tmp_path):
+    driver = load_driver()
+    (tmp_path / "worker.py").write_text(FAKE_WORKER)
+    done = lambda name: (tmp_path / f"{name}.json").is_file  # noqa: E731
+    todo = [driver.Part(name, lambda: True, done(name)) for name in ("big", "small")]
+    failed = driver.schedule(todo, [sys.executable, str(tmp_path / "worker.py"), str(tmp_path)], jobs=2, gpus=1,
+                             deadline=driver.Deadline(0), logs=tmp_path / "logs")
+    assert failed == []
+    big, small = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("big", "small"))
+    assert big["gpu"] == small["gpu"] == "0"
+    assert big["start"] >= small["end"]  # the second try waited for the GPU to be free
