@@ -252,6 +252,8 @@ def parts(base: dict, out: Path, seeds, ablations, gpu: bool) -> list[Part]:
     if gpu:  # decode throughput is a GPU figure
         everything += [Part(f"bench/{name}", after(name), (frontier / name / "bench.json").is_file, exclusive=True)
                        for name in stage_names]
+    # longest first within a seed: an arm that samples its data from the teacher first takes longest
+    ablations = sorted(ablations, key=lambda name: "data" not in ABLATIONS.get(name, {}))
     for seed in seeds:
         for name in ablations:
             if name == "staged" and seed == seeds[0]:

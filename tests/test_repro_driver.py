@@ -135,3 +135,11 @@ def test_a_part_out_of_memory_beside_another_resumes_alone(tmp_path):
     big, small = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("big", "small"))
     assert big["gpu"] == small["gpu"] == "0"
     assert big["start"] >= small["end"]  # the second try waited for the GPU to be free
+
+
+def test_the_arm_that_samples_its_own_data_starts_first_in_each_seed(tmp_path):
+    driver = load_driver()
+    base = {"teacher_sft": {}, "stages": [{"name": "h15"}, {"name": "h18"}]}
+    names = [part.name for part in driver.parts(base, tmp_path, [0, 1], ["staged", *driver.ABLATIONS], gpu=False)]
+    assert names[:3] == ["frontier", "ablation/generic-data-s0", "ablation/one-shot-s0"]
+    assert names.index("ablation/generic-data-s1") == names.index("ablation/random-init-s0") + 1
