@@ -9,9 +9,10 @@ frontier's teacher, the staged arm for its 15-mixer checkpoint, a bench for its 
 jobs than GPUs, ablation arms share a GPU (one arm's start-up and evaluation leave the GPU idle that
 another's training fills: on an H100 two 135M arms side by side took 211-237 s each against ~200 s
 alone); an arm that runs out of memory beside another resumes alone. The frontier, the critical path,
-and every bench, a timing, get a GPU to themselves. Each part's output goes to logs/<part>.log. With --deadline the running parts are stopped
-after that many seconds; started again, the driver skips what is done and every part resumes from its
-last saved step, so it can run in calls of at most 10 minutes. The parts:
+and every bench, a timing, get a GPU to themselves. Each part's output goes to logs/<part>.log. With
+--deadline the running parts are stopped after that many seconds; started again, the driver skips what
+is done and every part resumes from its last saved step, so it can run in calls of at most 10 minutes.
+The parts:
 
 1. frontier/   recipes/repro-h1-small.yaml: SFT of SmolLM2-135M-Instruct into a reasoning teacher,
                then LOO -> 15 of 30 -> MMR -> 18 -> 21 -> 24 mixers (reverse KL), SFT of 18 and 24.
