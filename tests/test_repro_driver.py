@@ -143,3 +143,30 @@ def test_the_arm_that_samples_its_own_data_starts_first_in_each_seed(tmp_path):
     names = [part.name for part in driver.parts(base, tmp_path, [0, 1], ["staged", *driver.ABLATIONS], gpu=False)]
     assert names[:3] == ["frontier", "ablation/generic-data-s0", "ablation/one-shot-s0"]
     assert names.index("ablation/generic-data-s1") == names.index("ablation/random-init-s0") + 1
+
+
+def test_follow_up_arms_change_the_one_shot_arm_and_end_at_their_own_stage(tmp_path):
+    driver = load_driver()
+    base = yaml.safe_load(driver.RECIPE.read_text())
+    recipes = driver.ablation_recipes(base, tmp_path / "frontier", seed=1)
+    one_shot = recipes["one-shot"]["stages"]
+    with_sft = recipes["forward-kl-sft"]["stages"]
+    assert [s["name"] for s in with_sft] == ["h18", "h18-sft"] and with_sft[0]["loss"] == "forward_kl"
+    assert with_sft[0]["train"] == one_shot[0]["train"] and with_sft[1]["kind"] == "sft"
+    assert [s["name"] for s in recipes["one-shot-sft"]["stages"]] == ["h18", "h18-sft"]
+    long = recipes["forward-kl-12m"]["stages"]
+    assert len(long) == 1 and long[0]["train"]["tokens"] == 12_000_000 and long[0]["loss"] == "forward_kl"
+    assert {k: v for k, v in long[0]["train"].items() if k != "tokens"} == \
+        {k: v for k, v in one_shot[0]["train"].items() if k != "tokens"}
+    assert driver.arm_result("forward-kl-sft") == "h18-sft" and driver.arm_result("forward-kl-12m") == "h18"
+    # only named arms run: the default is the paper's ablations
+    names = [part.name for part in driver.parts(base, tmp_path, [0], ["one-shot-sft"], gpu=False)]
+    assert names == ["frontier", "ablation/one-shot-sft-s0"]
+
+
+def test_an_sft_follow_up_on_a_recipe_without_the_sft_stage_is_refused_before_anything_is_written(recipe, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(DRIVER.parent.parent / "src"))
+    result = subprocess.run([sys.executable, str(DRIVER), "--out", str(tmp_path / "out"), "--recipe", str(recipe),
+                             "--ablations", "forward-kl-sft"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "end with the recipe's h18-sft stage" in result.stderr
+    assert not (tmp_path / "out").exists()
