@@ -165,13 +165,13 @@ def ablation_recipes(base: dict, frontier: Path, seed: int) -> dict[str, dict]:
     budget = "tokens" if "tokens" in h15["train"] else "steps"  # the two stages' budgets, in one run
     one_shot_train = dict(h15["train"], **{budget: h15["train"][budget] + h18["train"][budget]})
     for name, change in ARMS.items():
+        if change.get("sft") and "h18-sft" not in stages:
+            continue  # main() refuses to run such an arm on this recipe
         change = copy.deepcopy(change)
         stage = {"name": "h18", "count": h18["count"], "select": "loo", "loss": "reverse_kl", "train": dict(one_shot_train)}
         stage.update({k: v for k, v in change.items() if k not in ("recipe", "sft", "tokens")})
         if "tokens" in change:
             stage["train"] = {**{k: v for k, v in stage["train"].items() if k != "steps"}, "tokens": change["tokens"]}
-        if change.get("sft") and "h18-sft" not in stages:
-            continue  # main() refuses to run such an arm on this recipe
         then = [copy.deepcopy(stages["h18-sft"])] if change.get("sft") else []
         recipes[name] = {**copy.deepcopy(common), **change.get("recipe", {}), "stages": [stage, *then]}
     return recipes
