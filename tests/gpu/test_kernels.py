@@ -34,10 +34,6 @@ SCAN_SHAPES = [
 ]
 
 
-
-
-
-
 def scan_inputs(b, l, d, n, gb, gc, dtype, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
 
