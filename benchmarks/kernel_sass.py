@@ -86,7 +86,11 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int) -> tuple[str
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
                        attrs=attrs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    try:
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    except Exception as error:  # the compiler's own errors are many lines of IR
+        detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        sys.exit(f"{fn.__name__} does not compile for sm_{arch} with {constexprs}, {num_warps} warps: {detail}")
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.cubin")
@@ -99,13 +103,12 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int) -> tuple[str
     return sass, resources
 
 
-def report(name: str, sass: str, resources: str, elements: int, num_warps: int) -> dict:
+def report(name: str, sass: str, resources: str, elements: int, num_warps: int):
     loop = main_loop(sass)
     per_element = len(loop) * 32 * num_warps / elements
     top = collections.Counter(opcode(text) for text in loop).most_common(8)
     print(f"{name:<12} {resources:<40} loop {len(loop):5d} warp instructions, {per_element:5.1f} per element")
     print("             " + ", ".join(f"{op} {count}" for op, count in top))
-    return {"loop": len(loop), "per_element": per_element}
 
 
 def main(argv=None):
