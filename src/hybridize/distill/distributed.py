@@ -8,6 +8,7 @@ see `shard_objective` for where the embeddings and heads go and why.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -59,7 +60,15 @@ def init_world() -> World:
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
+        atexit.register(_leave_process_group)
     return World(rank, size, device)
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group before interpreter shutdown. Left to static destructors, gloo's
+    threads can be destroyed while still joinable, which aborts the process after a finished run."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def current_world(device: torch.device) -> World:
