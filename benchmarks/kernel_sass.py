@@ -67,19 +67,21 @@ def opcode(text: str) -> str:
     return text.split()[0]
 
 
-def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int) -> tuple[str, str]:
-    """(SASS, resource usage line) of a @triton.jit kernel for sm_<arch>."""
+def compile_kernel(fn, constexprs: dict, num_warps: int, arch: int, fp32_pointers=FP32_POINTERS) -> tuple[str, str]:
+    """(SASS, resource usage line) of a @triton.jit or @gluon.jit kernel for sm_<arch>."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    if type(fn).__name__ == "GluonJITFunction":
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
+    else:
+        from triton.compiler import ASTSource
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
             continue
         if name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in FP32_POINTERS else "*u8" if name == "rst_ptr" else "*bf16"
+            signature[name] = "*fp32" if name in fp32_pointers else "*u8" if name == "rst_ptr" else "*bf16"
         else:
             signature[name] = "i32"
         if not name.startswith("sr_"):  # the reset mask is [b, l] uint8: its length stride is 1
