@@ -60,7 +60,7 @@ def init_world() -> World:
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
-        atexit.register(_leave_process_group)
+            atexit.register(_leave_process_group)
     return World(rank, size, device)
 
 
