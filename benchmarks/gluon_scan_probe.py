@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
-import triton
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
+
+try:
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+except ImportError:  # pragma: no cover
+    sys.exit("gluon_scan_probe needs triton >= 3.6 (`pip install triton`)")
 
 N_STATE = 16
 CHANNELS = 32  # per program: one warp, one channel per thread
@@ -231,8 +234,7 @@ def scan_backward(x, dt, A, B, C, D, z, dt_bias, ck, dy, T=4):
 
 def count(arch: int) -> None:
     """Compile both probes for sm_<arch> and print their main loops' instruction counts (no GPU needed)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    import kernel_sass
+    import kernel_sass  # beside this script
 
     fp32 = kernel_sass.FP32_POINTERS | {"dB_ptr"}
     for name, fn, constexprs, T in [
@@ -243,17 +245,6 @@ def count(arch: int) -> None:
         kernel_sass.report(name, sass, resources, T * CHANNELS * N_STATE, 1)
 
 
-def _inputs(b, l, d, gb, gc, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-
-    def bf16(*shape):
-        return torch.randn(*shape, generator=g, device="cuda").to(torch.bfloat16)
-
-    A = -torch.exp(torch.rand(d, N_STATE, generator=g, device="cuda") * 2.5)
-    return (bf16(b, l, d), bf16(b, l, d), A, bf16(b, l, gb, N_STATE), bf16(b, l, gc, N_STATE),
-            torch.randn(d, generator=g, device="cuda"), bf16(b, l, d), torch.randn(d, generator=g, device="cuda") * 0.5)
-
-
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -262,12 +253,14 @@ def check() -> None:
     """Relative differences against the shipped Triton kernels, then times at the Apriel-like shape."""
     from triton.testing import do_bench
 
+    from mamba_kernels import scan_inputs  # beside this script
+
     from hybridize.kernels import triton_scan
 
     config = (4, 16, 1, 8, 4, 16, 1, 8)  # the shipped default: checkpoints every 4 steps, as the probes take
     grads = ["dx", "ddt", "dA", "dB", "dC", "dD", "dz", "ddt_bias"]
     for shape in [(2, 64, 128, 2, 8), (2, 1000, 256, 4, 16), (8, 4096, 4096, 64, 256)]:
-        inputs = _inputs(*shape)
+        inputs = tuple(scan_inputs(*shape).values())  # x, dt, A, B, C, D, z, dt_bias
         y0, h0, ck0 = triton_scan.scan_forward(*inputs, None, None, True, config)
         y1, h1, ck1 = scan_forward(*inputs)
         print(shape, f"fwd  y {_rel(y1, y0):.1e}  hT {_rel(h1, h0):.1e}  ck {_rel(ck1, ck0):.1e}", flush=True)
@@ -275,7 +268,7 @@ def check() -> None:
         g0 = triton_scan.scan_backward(*inputs, None, ck0, dy, None, False, config)[:8]
         g1 = scan_backward(*inputs, ck0, dy)
         print(shape, "bwd ", "  ".join(f"{k} {_rel(a, b):.1e}" for k, a, b in zip(grads, g1, g0)), flush=True)
-    inputs = _inputs(8, 4096, 4096, 64, 256)
+    inputs = tuple(scan_inputs(8, 4096, 4096, 64, 256).values())
     dy = torch.randn_like(inputs[0])
     ck = triton_scan.scan_forward(*inputs, None, None, True, config)[2]
     rows = [("shipped fwd", lambda: triton_scan.scan_forward(*inputs, None, None, True, config)),
