@@ -37,7 +37,7 @@ import torch.distributed as dist  # noqa: E402
 from distill_step import IGNORE_INDEX, SHAPES, build_student, build_teacher  # noqa: E402
 
 from hybridize.config import LossConfig, TrainConfig  # noqa: E402
-from hybridize.distill.distributed import init_world  # noqa: E402
+from hybridize.distill.distributed import joined_world  # noqa: E402
 from hybridize.distill.trainer import Trainer  # noqa: E402
 
 
@@ -65,7 +65,12 @@ def link_copy(source: Path, target: Path):
 
 
 def train(args):
-    world = init_world()
+    with joined_world() as world:
+        run_and_record(args, world)
+
+
+def run_and_record(args, world):
+    """Train the shape on `world`, timing each step; rank 0 writes result.json and prints a line."""
     out = Path(args.out)
     shape = SHAPES[args.shape]
     per_step = args.global_batch // args.micro
@@ -145,8 +150,6 @@ def train(args):
         print(f"{world.size} GPU(s): {len(trainer.losses)} losses, {result['tokens_per_s']:,.0f} tokens/s, "
               f"median step {median * 1e3:.0f} ms, peak {max(result['peak_gib']):.1f} GiB, "
               f"saves {[round(s['seconds'], 1) for s in saves]} s", flush=True)
-    if world.sharded:
-        dist.destroy_process_group()
 
 
 def compare(dirs):

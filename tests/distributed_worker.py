@@ -21,7 +21,7 @@ from tiny import tiny_teacher  # noqa: E402
 
 from hybridize.config import LossConfig, TrainConfig  # noqa: E402
 from hybridize.convert.surgery import build_hybrid  # noqa: E402
-from hybridize.distill.distributed import init_world  # noqa: E402
+from hybridize.distill.distributed import joined_world  # noqa: E402
 from hybridize.distill.trainer import Trainer  # noqa: E402
 
 LAYOUT = ["attention", "mamba", "attention", "mamba"]
@@ -92,10 +92,10 @@ def run(out_dir, world=None, micro_batch_size=2, grad_accum=1, steps=5, stop_aft
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    world = init_world()
-    start_from = sys.argv[2] if len(sys.argv) > 2 else None
-    trainer = run(sys.argv[1], world=world, stop_after=None if start_from else 3, start_from=start_from)
-    student = trainer.full_student()
-    if world.is_main:
-        Path(sys.argv[1], "losses.json").write_text(json.dumps(trainer.losses))
-        save_file(student.state_dict(), Path(sys.argv[1], "student.safetensors"))
+    with joined_world() as world:
+        start_from = sys.argv[2] if len(sys.argv) > 2 else None
+        trainer = run(sys.argv[1], world=world, stop_after=None if start_from else 3, start_from=start_from)
+        student = trainer.full_student()
+        if world.is_main:
+            Path(sys.argv[1], "losses.json").write_text(json.dumps(trainer.losses))
+            save_file(student.state_dict(), Path(sys.argv[1], "student.safetensors"))

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from distributed_worker import run
 from safetensors.torch import load_file
 
-from hybridize.distill.distributed import World, shard_batches
+from hybridize.distill.distributed import World, joined_world, shard_batches
 from hybridize.errors import UserError
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -92,3 +93,22 @@ def test_each_rank_reads_its_own_share_of_the_stream():
     items = list(range(7))
     shares = [list(shard_batches(items, World(rank, 2))) for rank in range(2)]
     assert shares == [[0, 2, 4, 6], [1, 3, 5]]
+
+
+def test_a_single_process_joins_no_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with joined_world() as world:
+        assert (world.rank, world.size, world.sharded) == (0, 1, False)
+        assert not dist.is_initialized()
+
+
+def test_a_job_leaves_only_a_group_it_joined(tmp_path, monkeypatch):
+    """A caller's own process group outlives a job run inside it."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: joined_world must not join or leave
+        with joined_world():
+            pass
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -8,9 +8,10 @@ see `shard_objective` for where the embeddings and heads go and why.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -26,6 +27,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
+
+
+_GLOO_SETTLE_SECONDS = 0.25  # see leave_process_group
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,10 @@ class World:
 
 
 def init_world() -> World:
-    """Join torchrun's process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU); pick the device."""
+    """Join torchrun's process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU); pick the device.
+
+    A job that joins should also leave: see `joined_world`, which does both.
+    """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if torch.cuda.is_available():
@@ -60,15 +67,35 @@ def init_world() -> World:
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
-            atexit.register(_leave_process_group)
     return World(rank, size, device)
 
 
-def _leave_process_group() -> None:
-    """Destroy the process group before interpreter shutdown. Left to static destructors, gloo's
-    threads can be destroyed while still joinable, which aborts the process after a finished run."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+@contextmanager
+def joined_world() -> Iterator[World]:
+    """This process's `World` for the length of a job. A job that joins the process group here leaves
+    it when it returns normally; after an error it does not wait for the other ranks, which torchrun
+    stops."""
+    joining = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    world = init_world()
+    yield world
+    if joining and dist.is_initialized():
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Wait for every rank to finish, then destroy the process group.
+
+    With gloo, a worker thread releases each finished collective, and the tensors Python handed it,
+    a moment after the caller's wait has returned; releasing a Python tensor takes the GIL. A thread
+    that asks for the GIL while the interpreter shuts down is ended by Python, which aborts a process
+    whose run has finished (pytorch/pytorch#117762). Gloo has no call that waits for its workers, so
+    the main thread sleeps, without the GIL, long enough for them to release the last collectives.
+    """
+    gloo = dist.get_backend() == "gloo"
+    dist.barrier()
+    if gloo:
+        time.sleep(_GLOO_SETTLE_SECONDS)
+    dist.destroy_process_group()
 
 
 def current_world(device: torch.device) -> World:

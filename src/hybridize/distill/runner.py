@@ -37,7 +37,7 @@ from hybridize.data.packing import batches, pack
 from hybridize.data.generic import generic_prompts
 from hybridize.data.sources import load_rows, synthetic_rows
 from hybridize.data.synthetic import write_jsonl
-from hybridize.distill.distributed import barrier, init_world
+from hybridize.distill.distributed import World, barrier, init_world, joined_world
 from hybridize.distill.trainer import METRICS_FILE, TENSORBOARD_DIR, Trainer
 from hybridize.errors import UserError
 from hybridize.faults import kill_point
@@ -61,11 +61,11 @@ def source_rows(source, split):
 
 
 class RecipeRun:
-    def __init__(self, recipe: RecipeConfig, run_dir):
+    def __init__(self, recipe: RecipeConfig, run_dir, world: World | None = None):
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         self.work = self.run_dir / ".work"
-        self.world = init_world()
+        self.world = world or init_world()
         self.main = self.world.is_main
         self._rows, self._packed = {}, {}  # per source, and per (rows, seq_len): made once per run
 
@@ -371,7 +371,9 @@ class RecipeRun:
 
 def run(recipe_path, run_dir, overrides=()):
     """Run (or resume) every stage of the recipe in `run_dir`; returns the report paths on rank 0."""
-    return RecipeRun(load_recipe(recipe_path, overrides), run_dir).run()
+    recipe = load_recipe(recipe_path, overrides)
+    with joined_world() as world:
+        return RecipeRun(recipe, run_dir, world).run()
 
 
 def distill_stage(teacher, student, data, out, loss="reverse_kl", overwrite=False, **train_options):
@@ -380,32 +382,32 @@ def distill_stage(teacher, student, data, out, loss="reverse_kl", overwrite=Fals
     from hybridize.convert.checkpoint import check_output_dir, load_layers_info
 
     check_output_dir(out, overwrite)
-    world = init_world()
-    train = validate(TrainConfig, {k: v for k, v in train_options.items() if v is not None}, source="options")
-    spec = validate(LossConfig, {"weights": {name: 1.0 for name in loss.split("+")}}, source="--loss")
-    teacher_model, tokenizer = load_teacher(teacher, device=world.device)
-    student_model, _ = load_hybrid(student, device=world.device)
-    if student_model.config.vocab_size != teacher_model.config.vocab_size:
-        raise UserError(f"the student {student} has a vocabulary of {student_model.config.vocab_size} tokens and the "
-                        f"teacher {teacher} one of {teacher_model.config.vocab_size}; distil from the model it was "
-                        "converted from")
-    rows = load_rows(data, split="train")
-    examples, _ = tokenize_rows(rows, tokenizer, max_length=train.seq_len)
-    packed = pack(examples, train.seq_len, pad_id=tokenizer.pad_token_id)
-    if not packed:
-        raise UserError(f"{data} produced no trainable tokens")
-    work = Path(out).parent / f".{Path(out).name}.train"
-    trainer = Trainer(student_model, teacher_model, train, spec, out_dir=work, world=world)
-    trainer.resume()
-    result = trainer.train(batches(packed, train.micro_batch_size, seed=train.seed, epochs=None))
-    model = trainer.full_student()
-    if world.is_main:
-        info = {**load_layers_info(student), "distilled_from": str(teacher), "data": str(data),
-                "tokens": result.tokens, "steps": result.steps}
-        save_hybrid(model, tokenizer, out, layers_info=info, overwrite=overwrite,
-                    extra={METRICS_FILE: work / METRICS_FILE, TENSORBOARD_DIR: work / TENSORBOARD_DIR})
-        shutil.rmtree(work, ignore_errors=True)
-    return result
+    with joined_world() as world:
+        train = validate(TrainConfig, {k: v for k, v in train_options.items() if v is not None}, source="options")
+        spec = validate(LossConfig, {"weights": {name: 1.0 for name in loss.split("+")}}, source="--loss")
+        teacher_model, tokenizer = load_teacher(teacher, device=world.device)
+        student_model, _ = load_hybrid(student, device=world.device)
+        if student_model.config.vocab_size != teacher_model.config.vocab_size:
+            raise UserError(f"the student {student} has a vocabulary of {student_model.config.vocab_size} tokens "
+                            f"and the teacher {teacher} one of {teacher_model.config.vocab_size}; distil from the "
+                            "model it was converted from")
+        rows = load_rows(data, split="train")
+        examples, _ = tokenize_rows(rows, tokenizer, max_length=train.seq_len)
+        packed = pack(examples, train.seq_len, pad_id=tokenizer.pad_token_id)
+        if not packed:
+            raise UserError(f"{data} produced no trainable tokens")
+        work = Path(out).parent / f".{Path(out).name}.train"
+        trainer = Trainer(student_model, teacher_model, train, spec, out_dir=work, world=world)
+        trainer.resume()
+        result = trainer.train(batches(packed, train.micro_batch_size, seed=train.seed, epochs=None))
+        model = trainer.full_student()
+        if world.is_main:
+            info = {**load_layers_info(student), "distilled_from": str(teacher), "data": str(data),
+                    "tokens": result.tokens, "steps": result.steps}
+            save_hybrid(model, tokenizer, out, layers_info=info, overwrite=overwrite,
+                        extra={METRICS_FILE: work / METRICS_FILE, TENSORBOARD_DIR: work / TENSORBOARD_DIR})
+            shutil.rmtree(work, ignore_errors=True)
+        return result
 
 
 __all__ = ["RecipeRun", "distill_stage", "run", "source_rows"]
