@@ -75,10 +75,10 @@ def joined_world() -> Iterator[World]:
     """This process's `World` for the length of a job. A job that joins the process group here leaves
     it when it returns normally; after an error it does not wait for the other ranks, which torchrun
     stops."""
-    joining = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    joined_before = dist.is_initialized()
     world = init_world()
     yield world
-    if joining and dist.is_initialized():
+    if not joined_before and dist.is_initialized():
         leave_process_group()
 
 
@@ -91,9 +91,8 @@ def leave_process_group() -> None:
     whose run has finished (pytorch/pytorch#117762). Gloo has no call that waits for its workers, so
     the main thread sleeps, without the GIL, long enough for them to release the last collectives.
     """
-    gloo = dist.get_backend() == "gloo"
     dist.barrier()
-    if gloo:
+    if dist.get_backend() == "gloo":
         time.sleep(_GLOO_SETTLE_SECONDS)
     dist.destroy_process_group()
 
