@@ -29,7 +29,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 
-_GLOO_SETTLE_SECONDS = 0.25  # see leave_process_group
+_GLOO_SETTLE_SECONDS = 0.25  # see _leave_process_group
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,10 @@ def joined_world() -> Iterator[World]:
     world = init_world()
     yield world
     if not joined_before and dist.is_initialized():
-        leave_process_group()
+        _leave_process_group()
 
 
-def leave_process_group() -> None:
+def _leave_process_group() -> None:
     """Wait for every rank to finish, then destroy the process group.
 
     With gloo, a worker thread releases each finished collective, and the tensors Python handed it,
